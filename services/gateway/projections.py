@@ -1,0 +1,120 @@
+"""Projectors that build the gateway's read model from the event log."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Table, delete, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from contracts.events import (
+    AccountCreated,
+    CredentialAdded,
+    CredentialAttached,
+    CredentialDeleted,
+    CredentialDetached,
+    CredentialUpdated,
+    parse_event,
+)
+from contracts.subjects import aggregate_subject
+from services.backbone.eventlog import StoredEvent
+from services.gateway.readmodel import (
+    READ_MODEL_TABLES,
+    accounts,
+    audit_events,
+    credential_apps,
+    credentials,
+)
+
+# Fields that stay in the log but never reach a reader of the audit log.
+REDACTED_FIELDS = frozenset({"sealed_secret", "token_sha256"})
+
+
+def redact(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if key not in REDACTED_FIELDS}
+
+
+class ReadModelProjector:
+    """Accounts, credentials with their Apps, and the per-account audit log."""
+
+    name = "read_model"
+    tables: Sequence[Table] = READ_MODEL_TABLES
+
+    async def project(self, conn: AsyncConnection, stored: StoredEvent) -> None:
+        envelope = stored.envelope
+        event = parse_event(envelope.type, envelope.data)
+        at = envelope.occurred_at
+        match event:
+            case AccountCreated():
+                await conn.execute(
+                    insert(accounts)
+                    .values(
+                        id=event.account_id,
+                        name=event.name,
+                        token_sha256=event.token_sha256,
+                        created_at=at,
+                    )
+                    .on_conflict_do_nothing()
+                )
+            case CredentialAdded():
+                await conn.execute(
+                    insert(credentials).values(
+                        id=event.credential_id,
+                        account_id=event.account_id,
+                        name=event.name,
+                        registry=event.registry,
+                        username=event.username,
+                        secret_hint=event.secret_hint,
+                        created_at=at,
+                        updated_at=at,
+                        verified_at=event.verified_at,
+                        expires_at=event.expires_at,
+                    )
+                )
+            case CredentialUpdated():
+                await conn.execute(
+                    update(credentials)
+                    .where(credentials.c.id == event.credential_id)
+                    .values(
+                        name=event.name,
+                        username=event.username,
+                        secret_hint=event.secret_hint,
+                        updated_at=at,
+                        verified_at=event.verified_at,
+                        expires_at=event.expires_at,
+                    )
+                )
+            case CredentialAttached():
+                await conn.execute(
+                    insert(credential_apps)
+                    .values(
+                        credential_id=event.credential_id,
+                        app_id=event.app.id,
+                        app_name=event.app.name,
+                    )
+                    .on_conflict_do_nothing()
+                )
+            case CredentialDetached():
+                await conn.execute(
+                    delete(credential_apps).where(
+                        credential_apps.c.credential_id == event.credential_id,
+                        credential_apps.c.app_id == event.app_id,
+                    )
+                )
+            case CredentialDeleted():
+                await conn.execute(
+                    delete(credentials).where(credentials.c.id == event.credential_id)
+                )
+        await conn.execute(
+            insert(audit_events).values(
+                position=stored.position,
+                account_id=envelope.account_id,
+                type=envelope.type,
+                subject=aggregate_subject(
+                    envelope.aggregate_type, envelope.aggregate_id
+                ),
+                occurred_at=at,
+                actor=envelope.actor,
+                data=redact(envelope.data),
+            )
+        )
