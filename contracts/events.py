@@ -125,6 +125,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
-def parse_event(type_: str, data: dict[str, Any]) -> Event:
-    """Build the typed event from an envelope's ``type`` and ``data``."""
-    return EVENT_TYPES[type_].model_validate(data)
+def parse_event(type_: str, data: dict[str, Any]) -> Event | None:
+    """Build the typed event from an envelope's ``type`` and ``data``.
+
+    ``None`` for a type this version does not know, so readers written
+    before a new event type existed skip it instead of stopping.
+    """
+    model = EVENT_TYPES.get(type_)
+    return None if model is None else model.model_validate(data)

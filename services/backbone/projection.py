@@ -73,6 +73,17 @@ class ProjectionRunner:
     def position(self) -> int:
         return self._position
 
+    async def run_supervised(self, backoff_s: float = 2.0) -> None:
+        """Run, and after a failure log it once and start again from the checkpoint."""
+        while True:
+            try:
+                await self.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("projection failed", projection=self._projector.name)
+                await asyncio.sleep(backoff_s)
+
     async def run(self) -> None:
         """Hold the projection's lock, then follow the stream forever."""
         async with self._engine.connect() as lock_conn:

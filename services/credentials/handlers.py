@@ -67,11 +67,11 @@ class CredentialsHandlers:
         credential = Credential(credential_id)
         for stored in await self._events.load("credential", credential_id):
             envelope = stored.envelope
+            event = parse_event(envelope.type, envelope.data)
+            if event is None:
+                raise CredentialError(f"unknown event type {envelope.type}")
             credential.apply(
-                parse_event(envelope.type, envelope.data),
-                stored.position,
-                envelope.occurred_at,
-                envelope.causation_id,
+                event, stored.position, envelope.occurred_at, envelope.causation_id
             )
         return credential
 

@@ -128,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
         await events.ensure_stream(settings.stream_replicas)
         engine = create_async_engine(settings.database_url, pool_pre_ping=True)
         runner = ProjectionRunner(nc, engine, ReadModelProjector())
-        task = asyncio.create_task(runner.run(), name="projection")
+        task = asyncio.create_task(runner.run_supervised(), name="projection")
         app.state.gateway = Gateway(settings, nc, engine, events, runner)
         log.info("gateway ready", port=settings.http_port)
         try:

@@ -43,6 +43,8 @@ class ReadModelProjector:
     async def project(self, conn: AsyncConnection, stored: StoredEvent) -> None:
         envelope = stored.envelope
         event = parse_event(envelope.type, envelope.data)
+        if event is None:
+            return
         at = envelope.occurred_at
         match event:
             case AccountCreated():

@@ -1,0 +1,120 @@
+"""The verifier process: answers ``VerifyCredential`` requests on NATS.
+
+The handler reads the raw message and validates it here, because a pydantic
+error message quotes the input it rejected, and that input holds the secret.
+"""
+
+import json
+import time
+import traceback
+
+import structlog
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from faststream.nats.annotations import NatsMessage
+from pydantic import ValidationError
+
+from contracts.commands import VerifyCredential
+from contracts.errors import ErrorCode, RegistryError
+from contracts.replies import Verification
+from contracts.subjects import VERIFY_CREDENTIAL
+from services.backbone.logging import configure_logging
+from services.backbone.settings import Settings
+from services.verifier.client import TokenCache
+from services.verifier.guard import AddressGuard
+from services.verifier.handlers import verify_credential
+
+QUEUE = "verifier"
+
+log = structlog.get_logger(__name__)
+
+
+def build_app(settings: Settings) -> tuple[FastStream, NatsBroker]:
+    """The composition root: one guard and one token cache per process."""
+    guard = AddressGuard.from_settings(settings)
+    tokens = TokenCache()
+    servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]
+    # FastStream's own logger would print exception messages: we log instead.
+    broker = NatsBroker(servers, name="crabglamp-verifier", logger=None)
+    app = FastStream(broker, logger=None)
+
+    @broker.subscriber(VERIFY_CREDENTIAL, queue=QUEUE)
+    async def on_verify_credential(message: NatsMessage) -> Verification:
+        return await answer(message.body, settings, tokens=tokens, guard=guard)
+
+    @app.after_startup
+    async def ready() -> None:
+        log.info("verifier ready", subject=VERIFY_CREDENTIAL, queue=QUEUE)
+
+    return app, broker
+
+
+async def run(settings: Settings) -> None:
+    """Serve until stopped by a signal."""
+    configure_logging("verifier", settings.log_format, settings.log_level)
+    app, _ = build_app(settings)
+    await app.run()
+
+
+async def answer(
+    body: bytes,
+    settings: Settings,
+    *,
+    tokens: TokenCache | None = None,
+    guard: AddressGuard | None = None,
+) -> Verification:
+    """Decode one request and verify it; every outcome is a ``Verification``."""
+    try:
+        cmd = VerifyCredential.model_validate_json(body)
+    except ValidationError as exc:
+        problems = _problems(exc)
+        log.warning("verify request invalid", problems=problems)
+        return _refused(_registry_of(body), "invalid_request", problems)
+    bound = log.bind(registry=cmd.registry)
+    started = time.monotonic()
+    try:
+        verification = await verify_credential(
+            cmd, settings, tokens=tokens, guard=guard
+        )
+    except Exception as exc:
+        # Only the frames and the type: a message could quote what was parsed.
+        bound.error(
+            "verification crashed",
+            error_type=type(exc).__name__,
+            frames="".join(traceback.format_tb(exc.__traceback__)),
+        )
+        return _refused(
+            cmd.registry, "internal_error", "The verifier failed; try again."
+        )
+    error = verification.error
+    bound.info(
+        "verification answered",
+        outcome=verification.outcome,
+        code=error.code if error else None,
+        registry_status=error.registry_status if error else None,
+        elapsed_ms=round((time.monotonic() - started) * 1000),
+    )
+    return verification
+
+
+def _problems(exc: ValidationError) -> str:
+    """What is wrong with a request, by field, without the values themselves."""
+    parts = [
+        f"{'.'.join(str(loc) for loc in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)
+    ]
+    return "The verify request is invalid: " + "; ".join(parts[:5]) + "."
+
+
+def _registry_of(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    registry = data.get("registry") if isinstance(data, dict) else None
+    return registry[:255] if isinstance(registry, str) else ""
+
+
+def _refused(registry: str, code: ErrorCode, explanation: str) -> Verification:
+    error = RegistryError(code=code, registry=registry, explanation=explanation)
+    return Verification(outcome="rejected", registry=registry, error=error)

@@ -1,0 +1,1 @@
+"""Real servers and image builders shared by the test suite."""
