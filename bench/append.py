@@ -59,9 +59,10 @@ async def raw(nc: nats.NATS) -> float:
 
 
 async def main() -> None:
-    with tempfile.TemporaryDirectory() as directory, EmbeddedNats(
-        Path(directory)
-    ) as server:
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        EmbeddedNats(Path(directory)) as server,
+    ):
         nc = await nats.connect(server.url)
         events = EventLog(nc)
         await events.ensure_stream()

@@ -10,7 +10,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import httpx
 import nats
@@ -248,14 +248,19 @@ def _wait_ready(url: str, children: list[subprocess.Popen[bytes]]) -> None:
     while time.monotonic() < deadline:
         for child in children:
             if child.poll() is not None:
-                raise typer.Exit(f"a service exited with status {child.returncode}")
+                _fail(f"a service exited with status {child.returncode}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise typer.Exit("the gateway did not become ready within 60 s")
+    _fail("the gateway did not become ready within 60 s")
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]{message}")
+    raise typer.Exit(1)
 
 
 def _wait_for_signal(children: list[subprocess.Popen[bytes]]) -> None:

@@ -5,7 +5,7 @@ from typing import TypeVar
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from services.backbone.errors import ServiceUnavailableError
 
@@ -13,7 +13,7 @@ R = TypeVar("R", bound=BaseModel)
 
 
 async def request(
-    nc: NATS, subject: str, command: BaseModel, reply_type: type[R], timeout: float
+    nc: NATS, subject: str, command: BaseModel, reply_type: type[R], timeout_s: float
 ) -> R:
     """Send a command and parse its reply; no answer in time is an error."""
     payload = command.model_dump_json().encode()
@@ -21,13 +21,29 @@ async def request(
         message = await nc.request(
             subject,
             payload,
-            timeout=timeout,
+            timeout=timeout_s,
             headers={"content-type": "application/json"},
         )
     except NoRespondersError as exc:
         raise ServiceUnavailableError(f"no service is serving {subject}") from exc
     except NatsTimeoutError as exc:
         raise ServiceUnavailableError(
-            f"{subject} did not answer within {timeout:g} s"
+            f"{subject} did not answer within {timeout_s:g} s"
         ) from exc
     return reply_type.model_validate_json(message.data)
+
+
+def decode(model: type[R], body: bytes) -> R | str:
+    """The command in ``body``, or a sentence on what is wrong with it.
+
+    The sentence names fields only: a pydantic message would quote the input,
+    and a command's input may hold a secret.
+    """
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        parts = [
+            f"{'.'.join(str(loc) for loc in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        return f"The {model.__name__} command is invalid: " + "; ".join(parts[:5]) + "."

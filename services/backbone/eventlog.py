@@ -129,7 +129,9 @@ class EventLog:
                     ) from exc
                 raise EventLogUnavailableError(f"append to {subject} refused") from exc
             except (NatsTimeoutError, NoRespondersError) as exc:
-                raise EventLogUnavailableError(f"append to {subject} timed out") from exc
+                raise EventLogUnavailableError(
+                    f"append to {subject} timed out"
+                ) from exc
             appended.append(Appended(ack.seq, bool(ack.duplicate)))
             position = ack.seq
         return appended

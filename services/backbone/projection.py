@@ -122,7 +122,9 @@ class ProjectionRunner:
             durable=self._durable, stream=self._stream
         )
         log.info(
-            "projection following", projection=self._projector.name, after=self._position
+            "projection following",
+            projection=self._projector.name,
+            after=self._position,
         )
         try:
             while True:
@@ -179,10 +181,10 @@ class ProjectionRunner:
         for message in messages:
             await message.ack()
 
-    async def wait_for(self, position: int, timeout: float) -> bool:
+    async def wait_for(self, position: int, timeout_s: float) -> bool:
         """Wait, bounded, until the read model includes ``position``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + timeout_s
         while self._position < position:
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -1,10 +1,10 @@
 """Settings shared by every service, read from ``CRABGLAMP_*`` variables."""
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 def _split(value: object) -> object:

@@ -103,7 +103,9 @@ class Credential:
         if command_id:
             self.commands.add(command_id)
 
-    def _take_secret(self, event: CredentialAdded | CredentialUpdated, at: datetime) -> None:
+    def _take_secret(
+        self, event: CredentialAdded | CredentialUpdated, at: datetime
+    ) -> None:
         self.username = event.username
         self.secret_hint = event.secret_hint
         self.sealed_secret = event.sealed_secret

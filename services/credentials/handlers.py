@@ -240,11 +240,24 @@ class CredentialsHandlers:
                     detail=f"Credential {cmd.credential_id} does not exist.",
                 ),
             )
+        except CredentialError as exc:
+            log.error(
+                "credential could not be opened",
+                credential_id=cmd.credential_id,
+                error=str(exc),
+            )
+            return ResolvedCredential(
+                ok=False,
+                failure=Failure(
+                    code="internal_error",
+                    detail="The credential's secret could not be opened.",
+                ),
+            )
         return ResolvedCredential(
             ok=True,
             registry=credential.registry,
             username=credential.username,
-            secret=secret,  # type: ignore[arg-type]
+            secret=secret,
         )
 
     async def _reject(
@@ -313,7 +326,9 @@ class CredentialsHandlers:
 def _failure(
     code: ErrorCode, detail: str, apps: list[AppRef] | None = None
 ) -> CredentialReply:
-    return CredentialReply(ok=False, failure=Failure(code=code, detail=detail, apps=apps))
+    return CredentialReply(
+        ok=False, failure=Failure(code=code, detail=detail, apps=apps)
+    )
 
 
 def view(credential: Credential) -> CredentialView:

@@ -20,7 +20,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.aio.client import Client as NATS
 from nats.js import api
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from contracts.events import SealedSecret
@@ -116,15 +121,19 @@ class DataKeyStore:
 
     @classmethod
     async def open(
-        cls, nc: NATS, ring: MasterKeyring, replicas: int = 1
+        cls,
+        nc: NATS,
+        ring: MasterKeyring,
+        replicas: int = 1,
+        bucket: str = CREDENTIAL_KEYS_BUCKET,
     ) -> "DataKeyStore":
         js = nc.jetstream()
         try:
-            kv = await js.key_value(CREDENTIAL_KEYS_BUCKET)
+            kv = await js.key_value(bucket)
         except (BucketNotFoundError, NotFoundError):
             kv = await js.create_key_value(
                 api.KeyValueConfig(
-                    bucket=CREDENTIAL_KEYS_BUCKET,
+                    bucket=bucket,
                     history=1,
                     storage=api.StorageType.FILE,
                     replicas=replicas,
@@ -157,7 +166,7 @@ class DataKeyStore:
         """Wrap every live data key under ``ring``'s active master key."""
         try:
             names = await self._kv.keys()
-        except NotFoundError:
+        except (NoKeysError, NotFoundError):
             return 0
         for name in names:
             entry = await self._kv.get(name)
@@ -174,9 +183,7 @@ def _entry(credential_id: str, version: int) -> str:
 
 def seal(credential_id: str, key: DataKey, secret: str) -> SealedSecret:
     nonce = secrets.token_bytes(12)
-    ciphertext = AESGCM(key.key).encrypt(
-        nonce, secret.encode(), credential_id.encode()
-    )
+    ciphertext = AESGCM(key.key).encrypt(nonce, secret.encode(), credential_id.encode())
     return SealedSecret(
         key_version=key.version, nonce=_b64(nonce), ciphertext=_b64(ciphertext)
     )

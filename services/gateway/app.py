@@ -79,7 +79,7 @@ class Gateway:
                 subject,
                 command,
                 CredentialReply,
-                timeout=self.settings.request_timeout_s,
+                timeout_s=self.settings.request_timeout_s,
             )
         except ServiceUnavailableError as exc:
             log.error("command not answered", subject=subject, error=str(exc))
@@ -99,9 +99,7 @@ def gateway(request: Request) -> Gateway:
     return state
 
 
-async def account(
-    request: Request, gw: Annotated[Gateway, Depends(gateway)]
-) -> str:
+async def account(request: Request, gw: Annotated[Gateway, Depends(gateway)]) -> str:
     """The account whose bearer token came with the request."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -222,7 +220,9 @@ def _credentials(app: FastAPI) -> None:
         return await one(gw, account_id, command.credential_id)
 
     @app.get("/v1/credentials", response_model=CredentialList)
-    async def list_credentials(gw: GatewayDep, account_id: AccountDep) -> CredentialList:
+    async def list_credentials(
+        gw: GatewayDep, account_id: AccountDep
+    ) -> CredentialList:
         return CredentialList(
             items=await queries.list_credentials(gw.engine, account_id)
         )
@@ -235,7 +235,10 @@ def _credentials(app: FastAPI) -> None:
 
     @app.patch("/v1/credentials/{credential_id}", response_model=CredentialOut)
     async def update_credential(
-        credential_id: str, body: CredentialPatch, gw: GatewayDep, account_id: AccountDep
+        credential_id: str,
+        body: CredentialPatch,
+        gw: GatewayDep,
+        account_id: AccountDep,
     ) -> CredentialOut:
         await one(gw, account_id, credential_id)
         command = UpdateCredential(
@@ -268,7 +271,7 @@ def _audit(app: FastAPI) -> None:
         account_id: AccountDep,
         after: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        type: Annotated[str | None, Query(max_length=100)] = None,  # noqa: A002
+        type: Annotated[str | None, Query(max_length=100)] = None,
         subject: Annotated[str | None, Query(max_length=300)] = None,
     ) -> AuditPage:
         items = await queries.audit_page(

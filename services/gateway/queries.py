@@ -6,7 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.events import AppRef
-from services.gateway.readmodel import accounts, audit_events, credential_apps, credentials
+from services.gateway.readmodel import (
+    accounts,
+    audit_events,
+    credential_apps,
+    credentials,
+)
 from services.gateway.schemas import AuditEvent, CredentialOut
 
 

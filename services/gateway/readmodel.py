@@ -9,7 +9,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 

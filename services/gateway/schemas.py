@@ -36,7 +36,9 @@ def _secret(value: SecretStr) -> SecretStr:
 Registry = Annotated[
     str, Field(min_length=1, max_length=255), AfterValidator(_printable)
 ]
-Username = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_username)]
+Username = Annotated[
+    str, Field(min_length=1, max_length=255), AfterValidator(_username)
+]
 Secret = Annotated[SecretStr, AfterValidator(_secret)]
 Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
 

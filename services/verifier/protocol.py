@@ -27,6 +27,7 @@ TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", re.ASCII)
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}", re.ASCII)
 
 DEFAULT_TOKEN_LIFETIME_S = 60.0
+_BEARER_TOKEN = re.compile(r"[\x21-\x7e]+", re.ASCII)
 _MESSAGE_LIMIT = 300
 _TCHAR = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -284,6 +285,11 @@ def parse_token_response(body: bytes, *, now: datetime) -> TokenGrant:
     if token is None:
         raise MalformedResponseError(
             "The token service answered 200 without a token.", status=200
+        )
+    if not _BEARER_TOKEN.fullmatch(token):
+        raise MalformedResponseError(
+            "The token service answered a token that cannot be sent in a header.",
+            status=200,
         )
     expires_in = data.get("expires_in")
     lifetime = DEFAULT_TOKEN_LIFETIME_S

@@ -73,7 +73,9 @@ async def test_load_replays_only_its_own_subject_in_order(nc: NATS) -> None:
     mine, other = new_id("mine"), new_id("other")
     position, other_position = 0, 0
     for n in range(3):
-        (theirs,) = await events.append([envelope(other, n)], other_position, "c" + str(n) + other)
+        (theirs,) = await events.append(
+            [envelope(other, n)], other_position, "c" + str(n) + other
+        )
         other_position = theirs.position
         (appended,) = await events.append([envelope(mine, n)], position, new_id("c"))
         position = appended.position

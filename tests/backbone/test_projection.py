@@ -8,7 +8,16 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from contracts.envelope import Envelope, new_id
@@ -89,7 +98,9 @@ async def write(nc: NATS, aggregate_id: str, count: int) -> int:
 async def projected(engine: AsyncEngine, aggregate_id: str) -> list[int]:
     async with engine.connect() as conn:
         result = await conn.execute(
-            select(rows.c.n).where(rows.c.aggregate_id == aggregate_id).order_by(rows.c.n)
+            select(rows.c.n)
+            .where(rows.c.aggregate_id == aggregate_id)
+            .order_by(rows.c.n)
         )
         return list(result.scalars())
 
@@ -104,7 +115,9 @@ async def run_until(runner: ProjectionRunner, position: int) -> None:
             await task
 
 
-async def test_a_redelivered_batch_is_applied_once(nc: NATS, engine: AsyncEngine) -> None:
+async def test_a_redelivered_batch_is_applied_once(
+    nc: NATS, engine: AsyncEngine
+) -> None:
     aggregate = new_id("redeliver")
     last = await write(nc, aggregate, 3)
     runner = ProjectionRunner(nc, engine, CountingProjector(aggregate))
@@ -153,10 +166,14 @@ async def test_a_crashed_projection_resumes_at_its_checkpoint(
     assert 6 not in await projected(engine, aggregate)
 
     # A restart carries on from the committed checkpoint, nothing doubled.
-    await run_until(ProjectionRunner(nc, engine, CountingProjector(aggregate)), position)
+    await run_until(
+        ProjectionRunner(nc, engine, CountingProjector(aggregate)), position
+    )
     assert await projected(engine, aggregate) == list(range(8))
     async with engine.connect() as conn:
         total = await conn.execute(
-            select(func.count()).select_from(rows).where(rows.c.aggregate_id == aggregate)
+            select(func.count())
+            .select_from(rows)
+            .where(rows.c.aggregate_id == aggregate)
         )
         assert total.scalar_one() == 8

@@ -1,5 +1,7 @@
 """Saving a registry credential, end to end through the gateway."""
 
+import asyncio
+import json
 import time
 
 import httpx
@@ -8,8 +10,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from contracts.subjects import EVENT_STREAM
-from tests.support.suite import Suite, free_port
 from tests.support.registry import LocalRegistry
+from tests.support.suite import Suite, free_port
 
 PROBLEM = "application/problem+json"
 
@@ -107,11 +109,13 @@ async def test_the_secret_appears_nowhere_but_sealed(
 ) -> None:
     secret = "tok-" + "7f3a9c2e5b1d" * 3
     registry_token.add_user("carol", secret)
-    response = add(api, registry_token.host, "carol", secret)
+    response = await asyncio.to_thread(add, api, registry_token.host, "carol", secret)
     assert response.status_code == 201, response.text
-    rejected = add(api, registry_token.host, "carol", secret + "-wrong")
+    rejected = await asyncio.to_thread(
+        add, api, registry_token.host, "carol", secret + "-wrong"
+    )
     assert rejected.status_code == 422
-    audit = api.get("/v1/events", params={"limit": 1000})
+    audit = await asyncio.to_thread(api.get, "/v1/events", params={"limit": 1000})
     needles = [secret, secret[-12:]]
     for text_ in (response.text, rejected.text, audit.text, suite.log_text()):
         assert not any(needle in text_ for needle in needles)
@@ -149,3 +153,23 @@ def test_rejections_are_in_the_audit_log(
     last = events["items"][-1]
     assert last["data"]["error"]["code"] == "credential_rejected"
     assert last["data"]["username"] == "alice"
+
+
+async def test_a_malformed_command_is_answered_without_quoting_it(suite: Suite) -> None:
+    secret = "leaky-" + "5e6f7a8b" * 3
+    nc = await nats.connect(suite.settings.nats_url)
+    try:
+        reply = await nc.request(
+            "crabglamp.cmd.credentials.add",
+            json.dumps({"secret": secret, "registry": 7}).encode(),
+            timeout=10,
+        )
+    finally:
+        await nc.drain()
+    body = json.loads(reply.data)
+    assert body["ok"] is False
+    assert body["failure"]["code"] == "invalid_request"
+    assert "registry" in body["failure"]["detail"]
+    assert secret not in reply.data.decode()
+    await asyncio.sleep(0.2)
+    assert secret not in suite.log_text()

@@ -38,7 +38,9 @@ class Suite:
     def new_account(self, name: str) -> str:
         # A loop of its own, apart from the one pytest-asyncio may be running.
         with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, create_account(self.settings, name)).result()
+            return pool.submit(
+                asyncio.run, create_account(self.settings, name)
+            ).result()
 
     def client(self, token: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -104,7 +104,9 @@ async def test_logs_bind_registry_and_outcome_and_never_the_secret(
         await answer(cmd.model_dump_json().encode(), settings)
         await answer(too_long + b"x" * 70000 + b'"}', settings)
         await answer(b"garbage " + SECRET.encode(), settings)
-    verified = next(entry for entry in logs if entry["event"] == "verification answered")
+    verified = next(
+        entry for entry in logs if entry["event"] == "verification answered"
+    )
     assert verified["registry"] == registry_basic.host
     assert verified["outcome"] == "rejected"
     assert verified["code"] == "credential_rejected"

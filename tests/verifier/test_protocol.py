@@ -242,7 +242,15 @@ def test_token_lifetime_is_at_least_the_default() -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"<html></html>", b"[]", b'{"token": ""}', b'{"expires_in": 60}']
+    "body",
+    [
+        b"<html></html>",
+        b"[]",
+        b'{"token": ""}',
+        b'{"expires_in": 60}',
+        '{"token": "caf\u00e9 au lait"}'.encode(),
+        b'{"token": "a\\r\\nX-Injected: 1"}',
+    ],
 )
 def test_token_response_without_a_token_is_malformed(body: bytes) -> None:
     with pytest.raises(MalformedResponseError, match="token service"):
