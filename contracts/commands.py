@@ -89,3 +89,50 @@ class VerifyCredential(WireSecret, BaseModel):
     username: str
     secret: Secret
     image: str | None = None
+
+
+class CheckImage(WireSecret, BaseModel):
+    """Ask the verifier whether an image is readable and runs on linux/amd64.
+
+    ``image`` is a full reference as ``contracts.references`` normalises it
+    (``registry/repository[:tag][@digest]``); ``username`` and ``secret`` are
+    absent for an anonymous pull.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str
+    username: str | None = None
+    secret: Secret | None = None
+
+
+class InlineCredential(WireSecret, BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    registry: str | None = None
+    username: str
+    secret: Secret
+    name: str | None = None
+
+
+class CreateApp(Command):
+    app_id: str = Field(default_factory=lambda: new_id("app"))
+    name: str
+    image: str
+    credential_id: str | None = None
+    credential: InlineCredential | None = None
+    port: int | None = None
+
+
+class ChangeAppCredential(Command):
+    app_id: str
+    credential_id: str
+
+
+class DeleteApp(Command):
+    app_id: str
+
+
+class RedeployApp(Command):
+    app_id: str
+    deploy_id: str = Field(default_factory=lambda: new_id("dep"))

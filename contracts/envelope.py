@@ -6,7 +6,7 @@ from uuid import uuid4
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-AggregateType = Literal["credential", "app", "account"]
+AggregateType = Literal["credential", "app", "app_name", "account"]
 
 
 def new_id(prefix: str) -> str:

@@ -98,6 +98,68 @@ class CredentialDeleteRefused(Event):
     apps: list[AppRef]
 
 
+class AppCreated(Event):
+    type: Literal["AppCreated"] = "AppCreated"
+    app_id: str
+    account_id: str
+    name: str
+    image: str
+    digest: str
+    platform_digest: str | None = None
+    credential_id: str | None
+    port: int
+    warnings: list[str] = []
+
+
+class AppCreateRejected(Event):
+    """A creation refused before the App existed: kept for the audit log."""
+
+    type: Literal["AppCreateRejected"] = "AppCreateRejected"
+    app_id: str
+    account_id: str
+    name: str
+    image: str
+    code: str
+    detail: str
+    error: RegistryError | None = None
+    platforms: list[str] = []
+
+
+class AppCredentialChanged(Event):
+    type: Literal["AppCredentialChanged"] = "AppCredentialChanged"
+    app_id: str
+    credential_id: str
+    previous_credential_id: str | None
+    digest: str
+
+
+class AppDeleted(Event):
+    type: Literal["AppDeleted"] = "AppDeleted"
+    app_id: str
+
+
+class DeployRequested(Event):
+    type: Literal["DeployRequested"] = "DeployRequested"
+    deploy_id: str
+    app_id: str
+    reason: Literal["create", "credential_changed", "redeploy"]
+    credential_id: str | None
+
+
+class AppNameClaimed(Event):
+    type: Literal["AppNameClaimed"] = "AppNameClaimed"
+    account_id: str
+    name: str
+    app_id: str
+
+
+class AppNameReleased(Event):
+    type: Literal["AppNameReleased"] = "AppNameReleased"
+    account_id: str
+    name: str
+    app_id: str
+
+
 DomainEvent = Annotated[
     AccountCreated
     | CredentialAdded
@@ -106,7 +168,14 @@ DomainEvent = Annotated[
     | CredentialAttached
     | CredentialDetached
     | CredentialDeleted
-    | CredentialDeleteRefused,
+    | CredentialDeleteRefused
+    | AppCreated
+    | AppCreateRejected
+    | AppCredentialChanged
+    | AppDeleted
+    | DeployRequested
+    | AppNameClaimed
+    | AppNameReleased,
     Field(discriminator="type"),
 ]
 
@@ -121,6 +190,13 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CredentialDetached,
         CredentialDeleted,
         CredentialDeleteRefused,
+        AppCreated,
+        AppCreateRejected,
+        AppCredentialChanged,
+        AppDeleted,
+        DeployRequested,
+        AppNameClaimed,
+        AppNameReleased,
     )
 }
 

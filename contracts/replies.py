@@ -76,3 +76,61 @@ class Verification(Reply):
     registry: str
     error: RegistryError | None = None
     expires_at: AwareDatetime | None = None
+
+
+class ImageConfig(BaseModel):
+    """What the VM's init needs from the image's config blob."""
+
+    model_config = ConfigDict(frozen=True)
+
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: list[str] = []
+    working_dir: str | None = None
+    exposed_ports: list[int] = []
+
+
+class ImageCheck(Reply):
+    """The verifier's answer on an image: pinned and runnable, or why not."""
+
+    outcome: Literal["accepted", "rejected"]
+    image: str
+    digest: str | None = None
+    media_type: str | None = None
+    platform_digest: str | None = None
+    platforms: list[str] = []
+    warnings: list[str] = []
+    config: ImageConfig | None = None
+    error: RegistryError | None = None
+
+
+class DeployView(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    app_id: str
+    reason: str
+    status: str
+    credential_id: str | None = None
+    digest: str | None = None
+
+
+class AppView(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    account_id: str
+    name: str
+    image: str
+    digest: str | None
+    credential_id: str | None
+    port: int
+    warnings: list[str] = []
+
+
+class AppReply(Reply):
+    ok: bool
+    app: AppView | None = None
+    deploy: DeployView | None = None
+    failure: Failure | None = None
+    position: int | None = None

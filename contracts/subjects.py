@@ -17,6 +17,12 @@ RESOLVE_CREDENTIAL: Final = "crabglamp.cmd.credentials.resolve"
 CREATE_ACCOUNT: Final = "crabglamp.cmd.accounts.create"
 
 VERIFY_CREDENTIAL: Final = "crabglamp.cmd.verifier.verify"
+CHECK_IMAGE: Final = "crabglamp.cmd.verifier.check_image"
+
+CREATE_APP: Final = "crabglamp.cmd.apps.create"
+CHANGE_APP_CREDENTIAL: Final = "crabglamp.cmd.apps.change_credential"
+DELETE_APP: Final = "crabglamp.cmd.apps.delete"
+REDEPLOY_APP: Final = "crabglamp.cmd.apps.redeploy"
 
 
 def aggregate_subject(aggregate_type: str, aggregate_id: str) -> str:

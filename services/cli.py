@@ -38,6 +38,7 @@ class Service(StrEnum):
     gateway = "gateway"
     credentials = "credentials"
     verifier = "verifier"
+    deployer = "deployer"
 
 
 def load_settings() -> Settings:
@@ -79,6 +80,10 @@ def serve(service: Service) -> None:
             from services.credentials.entrypoint import run as run_credentials
 
             run_credentials(settings)
+        case Service.deployer:
+            from services.deployer.entrypoint import run as run_deployer
+
+            run_deployer(settings)
         case Service.verifier:
             from services.verifier.entrypoint import run as run_verifier
 

@@ -1,7 +1,10 @@
 """Request/reply between services with typed commands and replies."""
 
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import structlog
+from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -10,6 +13,8 @@ from pydantic import BaseModel, ValidationError
 from services.backbone.errors import ServiceUnavailableError
 
 R = TypeVar("R", bound=BaseModel)
+C = TypeVar("C", bound=BaseModel)
+log = structlog.get_logger(__name__)
 
 
 async def request(
@@ -47,3 +52,27 @@ def decode(model: type[R], body: bytes) -> R | str:
             for error in exc.errors(include_url=False, include_input=False)
         ]
         return f"The {model.__name__} command is invalid: " + "; ".join(parts[:5]) + "."
+
+
+def command_subscriber(
+    model: type[C],
+    handle: Callable[[C], Awaitable[BaseModel]],
+    invalid: Callable[[str], BaseModel],
+) -> Callable[[NatsMessage], Awaitable[bytes]]:
+    """A FastStream subscriber that validates by hand and encodes its reply.
+
+    Validation happens here so no error quotes the input (it may hold a
+    secret); the reply is the contract's JSON, whatever FastStream would do.
+    """
+
+    async def serve(message: NatsMessage) -> bytes:
+        command = decode(model, message.body)
+        if isinstance(command, str):
+            log.warning("invalid command", command=model.__name__, problems=command)
+            reply = invalid(command)
+        else:
+            reply = await handle(command)
+        return reply.model_dump_json().encode()
+
+    serve.__name__ = f"on_{model.__name__}"
+    return serve

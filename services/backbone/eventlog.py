@@ -17,7 +17,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from contracts.envelope import Envelope
+from contracts.commands import Command
+from contracts.envelope import AggregateType, Envelope
+from contracts.events import Event
 from contracts.subjects import EVENT_STREAM, EVENTS_ALL, aggregate_subject
 from services.backbone.errors import ConcurrencyError, EventLogUnavailableError
 
@@ -40,6 +42,28 @@ class StoredEvent:
 class Appended:
     position: int
     duplicate: bool
+
+
+def envelopes_for(
+    command: Command,
+    aggregate_type: AggregateType,
+    aggregate_id: str,
+    events: Sequence[Event],
+) -> list[Envelope]:
+    """Wrap a command's events; the command id becomes their causation id."""
+    return [
+        Envelope(
+            type=event.type,  # type: ignore[attr-defined]
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            account_id=command.account_id,
+            actor=command.actor,
+            correlation_id=command.correlation_id,
+            causation_id=command.command_id,
+            data=event.model_dump(mode="json"),
+        )
+        for event in events
+    ]
 
 
 class EventLog:
@@ -152,6 +176,22 @@ class EventLog:
         if raw.headers and raw.headers.get("Nats-Msg-Id") == msg_id:
             return raw.seq
         return None
+
+    async def record(
+        self,
+        command: Command,
+        aggregate_type: AggregateType,
+        aggregate_id: str,
+        version: int,
+        events: Sequence[Event],
+    ) -> int:
+        """Append a command's events at ``version``; the position after them."""
+        envelopes = envelopes_for(command, aggregate_type, aggregate_id, events)
+        # One command may write several aggregates, or one twice (claim, then
+        # undo): the key names the slot, so only a true resend is a duplicate.
+        dedup_key = f"{command.command_id}/{aggregate_type}.{aggregate_id}@{version}"
+        appended = await self.append(envelopes, version, dedup_key)
+        return appended[-1].position if appended else version
 
     async def last_position(self) -> int:
         """The stream's last sequence: how far a caught-up reader must be."""

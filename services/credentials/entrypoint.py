@@ -1,20 +1,15 @@
 """The credentials service process: FastStream subscribers over NATS."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
-from faststream.nats.annotations import NatsMessage
-from pydantic import BaseModel
 
 from contracts import subjects
 from contracts.commands import (
     AddCredential,
     AttachCredential,
-    Command,
     DeleteCredential,
     DetachCredential,
     ResolveCredential,
@@ -68,52 +63,53 @@ def build_app(settings: Settings) -> FastStream:
         state["handlers"] = CredentialsHandlers(events, keys, verify)
         log.info("credentials service ready", nats=settings.nats_url)
 
-    routes: list[tuple[str, type[Command], Route]] = [
-        (subjects.ADD_CREDENTIAL, AddCredential, lambda h: h.add_credential),
-        (subjects.UPDATE_CREDENTIAL, UpdateCredential, lambda h: h.update_credential),
-        (subjects.DELETE_CREDENTIAL, DeleteCredential, lambda h: h.delete_credential),
-        (subjects.ATTACH_CREDENTIAL, AttachCredential, lambda h: h.attach_credential),
-        (subjects.DETACH_CREDENTIAL, DetachCredential, lambda h: h.detach_credential),
-        (
-            subjects.RESOLVE_CREDENTIAL,
-            ResolveCredential,
-            lambda h: h.resolve_credential,
-        ),
-    ]
-    for subject, model, route in routes:
-        broker.subscriber(subject, queue=QUEUE)(_serve(model, route, handlers))
+    def invalid(detail: str) -> CredentialReply:
+        return CredentialReply(
+            ok=False, failure=Failure(code="invalid_request", detail=detail)
+        )
+
+    def invalid_resolve(detail: str) -> ResolvedCredential:
+        return ResolvedCredential(
+            ok=False, failure=Failure(code="invalid_request", detail=detail)
+        )
+
+    async def add(cmd: AddCredential) -> CredentialReply:
+        return await handlers().add_credential(cmd)
+
+    async def update(cmd: UpdateCredential) -> CredentialReply:
+        return await handlers().update_credential(cmd)
+
+    async def delete(cmd: DeleteCredential) -> CredentialReply:
+        return await handlers().delete_credential(cmd)
+
+    async def attach(cmd: AttachCredential) -> CredentialReply:
+        return await handlers().attach_credential(cmd)
+
+    async def detach(cmd: DetachCredential) -> CredentialReply:
+        return await handlers().detach_credential(cmd)
+
+    async def resolve(cmd: ResolveCredential) -> ResolvedCredential:
+        return await handlers().resolve_credential(cmd)
+
+    subscribe = broker.subscriber
+    serve = bus.command_subscriber
+    subscribe(subjects.ADD_CREDENTIAL, queue=QUEUE)(serve(AddCredential, add, invalid))
+    subscribe(subjects.UPDATE_CREDENTIAL, queue=QUEUE)(
+        serve(UpdateCredential, update, invalid)
+    )
+    subscribe(subjects.DELETE_CREDENTIAL, queue=QUEUE)(
+        serve(DeleteCredential, delete, invalid)
+    )
+    subscribe(subjects.ATTACH_CREDENTIAL, queue=QUEUE)(
+        serve(AttachCredential, attach, invalid)
+    )
+    subscribe(subjects.DETACH_CREDENTIAL, queue=QUEUE)(
+        serve(DetachCredential, detach, invalid)
+    )
+    subscribe(subjects.RESOLVE_CREDENTIAL, queue=QUEUE)(
+        serve(ResolveCredential, resolve, invalid_resolve)
+    )
     return app
-
-
-Route = Callable[[CredentialsHandlers], Callable[[Any], Awaitable[BaseModel]]]
-
-
-def _serve(
-    model: type[Command],
-    route: Route,
-    handlers: Callable[[], CredentialsHandlers],
-) -> Callable[[NatsMessage], Awaitable[bytes]]:
-    """A subscriber that validates by hand, so no error quotes a secret.
-
-    The reply is encoded here too: the wire form is the contract's JSON.
-    """
-
-    async def serve(message: NatsMessage) -> bytes:
-        command = bus.decode(model, message.body)
-        reply: BaseModel
-        if isinstance(command, str):
-            log.warning("invalid command", command=model.__name__, problems=command)
-            failure = Failure(code="invalid_request", detail=command)
-            if model is ResolveCredential:
-                reply = ResolvedCredential(ok=False, failure=failure)
-            else:
-                reply = CredentialReply(ok=False, failure=failure)
-        else:
-            reply = await route(handlers())(command)
-        return reply.model_dump_json().encode()
-
-    serve.__name__ = f"on_{model.__name__}"
-    return serve
 
 
 def run(settings: Settings) -> None:

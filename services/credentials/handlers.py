@@ -20,7 +20,7 @@ from contracts.commands import (
     UpdateCredential,
     VerifyCredential,
 )
-from contracts.envelope import Envelope, utc_now
+from contracts.envelope import utc_now
 from contracts.errors import ErrorCode
 from contracts.events import AppRef, CredentialRejected, Event, parse_event
 from contracts.replies import (
@@ -40,7 +40,13 @@ from services.credentials.domain import (
     CredentialNotFoundError,
     secret_hint,
 )
-from services.credentials.sealing import DataKeyStore, seal, unseal
+from services.credentials.sealing import (
+    DataKey,
+    DataKeyDestroyedError,
+    DataKeyStore,
+    seal,
+    unseal,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -78,23 +84,9 @@ class CredentialsHandlers:
     async def _append(
         self, command: Command, credential: Credential, events: Sequence[Event]
     ) -> int:
-        envelopes = [
-            Envelope(
-                type=event.type,  # type: ignore[attr-defined]
-                aggregate_type="credential",
-                aggregate_id=credential.id,
-                account_id=command.account_id,
-                actor=command.actor,
-                correlation_id=command.correlation_id,
-                causation_id=command.command_id,
-                data=event.model_dump(mode="json"),
-            )
-            for event in events
-        ]
-        appended = await self._events.append(
-            envelopes, credential.version, command.command_id
+        return await self._events.record(
+            command, "credential", credential.id, credential.version, events
         )
-        return appended[-1].position if appended else credential.version
 
     async def add_credential(self, cmd: AddCredential) -> CredentialReply:
         async def attempt() -> CredentialReply:
@@ -118,7 +110,7 @@ class CredentialsHandlers:
             key = await self._keys.create(credential.id, version=1)
             events = credential.add(
                 account_id=cmd.account_id,
-                name=cmd.name or f"{cmd.username}@{verdict.registry}",
+                name=cmd.name or default_name(cmd.username, verdict.registry),
                 registry=verdict.registry,
                 username=cmd.username,
                 hint=secret_hint(secret),
@@ -225,12 +217,8 @@ class CredentialsHandlers:
     async def resolve_credential(self, cmd: ResolveCredential) -> ResolvedCredential:
         """The current secret, read at the moment of use, never a copy."""
         try:
-            credential = await self.load(cmd.credential_id)
-            credential.require(cmd.account_id)
+            credential, key = await self._current_key(cmd)
             assert credential.sealed_secret is not None
-            key = await self._keys.get(
-                credential.id, credential.sealed_secret.key_version
-            )
             secret = unseal(credential.id, key, credential.sealed_secret)
         except CredentialNotFoundError:
             return ResolvedCredential(
@@ -259,6 +247,24 @@ class CredentialsHandlers:
             username=credential.username,
             secret=secret,
         )
+
+    async def _current_key(self, cmd: ResolveCredential) -> tuple[Credential, DataKey]:
+        """The credential and the data key of its current secret."""
+        for attempt in range(3):
+            credential = await self.load(cmd.credential_id)
+            credential.require(cmd.account_id)
+            assert credential.sealed_secret is not None
+            try:
+                key = await self._keys.get(
+                    credential.id, credential.sealed_secret.key_version
+                )
+            except DataKeyDestroyedError:
+                # An update or delete won the race since the load: read again.
+                if attempt == 2:
+                    raise
+                continue
+            return credential, key
+        raise AssertionError("unreachable")
 
     async def _reject(
         self,
@@ -321,6 +327,15 @@ class CredentialsHandlers:
             return _failure("internal_error", "The credential could not be processed.")
         bound.info(what, ok=reply.ok)
         return reply
+
+
+def default_name(username: str, registry: str, limit: int = 200) -> str:
+    """``username@registry``, shortened in the middle to fit a name's limit."""
+    name = f"{username}@{registry}"
+    if len(name) <= limit:
+        return name
+    keep = limit - len(registry) - 2
+    return f"{username[:keep]}…@{registry}"[:limit]
 
 
 def _failure(

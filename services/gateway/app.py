@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import nats
 import structlog
@@ -21,8 +21,17 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from contracts import subjects
-from contracts.commands import AddCredential, DeleteCredential, UpdateCredential
-from contracts.replies import CredentialReply
+from contracts.commands import (
+    AddCredential,
+    ChangeAppCredential,
+    CreateApp,
+    DeleteApp,
+    DeleteCredential,
+    InlineCredential,
+    RedeployApp,
+    UpdateCredential,
+)
+from contracts.replies import AppReply, CredentialReply
 from services.backbone import bus
 from services.backbone.errors import ServiceUnavailableError
 from services.backbone.eventlog import EventLog
@@ -38,11 +47,17 @@ from services.gateway.problems import (
 )
 from services.gateway.projections import ReadModelProjector
 from services.gateway.schemas import (
+    AppIn,
+    AppList,
+    AppOut,
+    AppPatch,
     AuditPage,
     CredentialIn,
     CredentialList,
     CredentialOut,
     CredentialPatch,
+    DeployList,
+    DeployOut,
 )
 
 log = structlog.get_logger(__name__)
@@ -61,6 +76,9 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+Outcome = TypeVar("Outcome", CredentialReply, AppReply)
+
+
 @dataclass
 class Gateway:
     """What every route needs, built once by the lifespan."""
@@ -71,14 +89,19 @@ class Gateway:
     events: EventLog
     projection: ProjectionRunner
 
-    async def command(self, subject: str, command: BaseModel) -> CredentialReply:
+    async def command(
+        self,
+        subject: str,
+        command: BaseModel,
+        reply_type: type[Outcome] = CredentialReply,  # type: ignore[assignment]
+    ) -> Outcome:
         """Send a command and wait, bounded, until its result is readable."""
         try:
             reply = await bus.request(
                 self.nc,
                 subject,
                 command,
-                CredentialReply,
+                reply_type,
                 timeout_s=self.settings.request_timeout_s,
             )
         except ServiceUnavailableError as exc:
@@ -150,6 +173,7 @@ def create_app(settings: Settings) -> FastAPI:
     _observe(app)
     _operations(app)
     _credentials(app)
+    _apps(app)
     _audit(app)
     return app
 
@@ -262,6 +286,97 @@ def _credentials(app: FastAPI) -> None:
         )
         await gw.command(subjects.DELETE_CREDENTIAL, command)
         return Response(status_code=204)
+
+
+def _apps(app: FastAPI) -> None:
+    async def one(gw: Gateway, account_id: str, app_id: str) -> AppOut:
+        found = await queries.list_apps(gw.engine, account_id, app_id)
+        if not found:
+            raise not_found("app_not_found", f"App {app_id}")
+        return found[0]
+
+    @app.post("/v1/apps", status_code=201, response_model=AppOut)
+    async def create_app(body: AppIn, gw: GatewayDep, account_id: AccountDep) -> AppOut:
+        inline = None
+        if body.credential is not None:
+            inline = InlineCredential(
+                registry=body.credential.registry,
+                username=body.credential.username,
+                secret=body.credential.secret,
+                name=body.credential.name,
+            )
+        command = CreateApp(
+            account_id=account_id,
+            actor=account_id,
+            name=body.name,
+            image=body.image,
+            credential_id=body.credential_id,
+            credential=inline,
+            port=body.port,
+        )
+        await gw.command(subjects.CREATE_APP, command, AppReply)
+        return await one(gw, account_id, command.app_id)
+
+    @app.get("/v1/apps", response_model=AppList)
+    async def list_apps(gw: GatewayDep, account_id: AccountDep) -> AppList:
+        return AppList(items=await queries.list_apps(gw.engine, account_id))
+
+    @app.get("/v1/apps/{app_id}", response_model=AppOut)
+    async def get_app(app_id: str, gw: GatewayDep, account_id: AccountDep) -> AppOut:
+        return await one(gw, account_id, app_id)
+
+    @app.patch("/v1/apps/{app_id}", response_model=AppOut)
+    async def change_app(
+        app_id: str, body: AppPatch, gw: GatewayDep, account_id: AccountDep
+    ) -> AppOut:
+        await one(gw, account_id, app_id)
+        command = ChangeAppCredential(
+            account_id=account_id,
+            actor=account_id,
+            app_id=app_id,
+            credential_id=body.credential_id,
+        )
+        await gw.command(subjects.CHANGE_APP_CREDENTIAL, command, AppReply)
+        return await one(gw, account_id, app_id)
+
+    @app.delete("/v1/apps/{app_id}", status_code=204)
+    async def delete_app(
+        app_id: str, gw: GatewayDep, account_id: AccountDep
+    ) -> Response:
+        await one(gw, account_id, app_id)
+        command = DeleteApp(account_id=account_id, actor=account_id, app_id=app_id)
+        await gw.command(subjects.DELETE_APP, command, AppReply)
+        return Response(status_code=204)
+
+    @app.post("/v1/apps/{app_id}/deploys", status_code=202, response_model=DeployOut)
+    async def redeploy(
+        app_id: str, gw: GatewayDep, account_id: AccountDep
+    ) -> DeployOut:
+        await one(gw, account_id, app_id)
+        command = RedeployApp(account_id=account_id, actor=account_id, app_id=app_id)
+        await gw.command(subjects.REDEPLOY_APP, command, AppReply)
+        found = await queries.list_deploys(
+            gw.engine, account_id, deploy_id=command.deploy_id
+        )
+        return found[0]
+
+    @app.get("/v1/apps/{app_id}/deploys", response_model=DeployList)
+    async def app_deploys(
+        app_id: str, gw: GatewayDep, account_id: AccountDep
+    ) -> DeployList:
+        await one(gw, account_id, app_id)
+        return DeployList(
+            items=await queries.list_deploys(gw.engine, account_id, app_id=app_id)
+        )
+
+    @app.get("/v1/deploys/{deploy_id}", response_model=DeployOut)
+    async def get_deploy(
+        deploy_id: str, gw: GatewayDep, account_id: AccountDep
+    ) -> DeployOut:
+        found = await queries.list_deploys(gw.engine, account_id, deploy_id=deploy_id)
+        if not found:
+            raise not_found("deploy_not_found", f"Deploy {deploy_id}")
+        return found[0]
 
 
 def _audit(app: FastAPI) -> None:

@@ -18,6 +18,13 @@ STATUS_BY_CODE: dict[str, int] = {
     "registry_unreachable": 422,
     "registry_address_forbidden": 422,
     "registry_error": 422,
+    "invalid_image_reference": 422,
+    "image_not_found": 422,
+    "platform_not_supported": 422,
+    "credential_registry_mismatch": 422,
+    "app_not_found": 404,
+    "deploy_not_found": 404,
+    "app_name_taken": 409,
     "unauthorized": 401,
     "credential_not_found": 404,
     "not_found": 404,
@@ -87,7 +94,9 @@ async def handle_validation(_request: Request, exc: Exception) -> JSONResponse:
     sentences = []
     for error in exc.errors():
         location = [str(part) for part in error["loc"] if part != "body"]
-        field = ".".join(location) or "body"
+        # A body that is not JSON has a character offset where a field would be.
+        field = "body" if error["type"] == "json_invalid" else ".".join(location)
+        field = field or "body"
         message = str(error["msg"]).removeprefix("Value error, ")
         errors.append({"field": field, "message": message})
         sentences.append(f"{field}: {message}")

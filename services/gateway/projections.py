@@ -9,11 +9,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.events import (
     AccountCreated,
+    AppCreated,
+    AppCredentialChanged,
+    AppDeleted,
     CredentialAdded,
     CredentialAttached,
     CredentialDeleted,
     CredentialDetached,
     CredentialUpdated,
+    DeployRequested,
     parse_event,
 )
 from contracts.subjects import aggregate_subject
@@ -21,9 +25,11 @@ from services.backbone.eventlog import StoredEvent
 from services.gateway.readmodel import (
     READ_MODEL_TABLES,
     accounts,
+    apps,
     audit_events,
     credential_apps,
     credentials,
+    deploys,
 )
 
 # Fields that stay in the log but never reach a reader of the audit log.
@@ -107,6 +113,56 @@ class ReadModelProjector:
                 await conn.execute(
                     delete(credentials).where(credentials.c.id == event.credential_id)
                 )
+            case AppCreated():
+                await conn.execute(
+                    insert(apps).values(
+                        id=event.app_id,
+                        account_id=event.account_id,
+                        name=event.name,
+                        image=event.image,
+                        digest=event.digest,
+                        credential_id=event.credential_id,
+                        status="deploying",
+                        port=event.port,
+                        warnings=event.warnings,
+                        created_at=at,
+                        updated_at=at,
+                    )
+                )
+            case AppCredentialChanged():
+                await conn.execute(
+                    update(apps)
+                    .where(apps.c.id == event.app_id)
+                    .values(
+                        credential_id=event.credential_id,
+                        digest=event.digest,
+                        updated_at=at,
+                    )
+                )
+            case DeployRequested():
+                await conn.execute(
+                    insert(deploys).values(
+                        id=event.deploy_id,
+                        app_id=event.app_id,
+                        account_id=envelope.account_id,
+                        reason=event.reason,
+                        status="queued",
+                        credential_id=event.credential_id,
+                        requested_at=at,
+                        stages={},
+                    )
+                )
+                await conn.execute(
+                    update(apps)
+                    .where(apps.c.id == event.app_id)
+                    .values(
+                        current_deploy_id=event.deploy_id,
+                        status="deploying",
+                        updated_at=at,
+                    )
+                )
+            case AppDeleted():
+                await conn.execute(delete(apps).where(apps.c.id == event.app_id))
         await conn.execute(
             insert(audit_events).values(
                 position=stored.position,

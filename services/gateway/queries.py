@@ -8,11 +8,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from contracts.events import AppRef
 from services.gateway.readmodel import (
     accounts,
+    apps,
     audit_events,
     credential_apps,
     credentials,
+    deploys,
 )
-from services.gateway.schemas import AuditEvent, CredentialOut
+from services.gateway.schemas import AppOut, AuditEvent, CredentialOut, DeployOut
 
 
 async def account_by_token(engine: AsyncEngine, token_sha256: str) -> str | None:
@@ -97,3 +99,80 @@ async def audit_page(
         )
         for row in rows
     ]
+
+
+async def list_apps(
+    engine: AsyncEngine, account_id: str, app_id: str | None = None
+) -> list[AppOut]:
+    query = (
+        select(apps)
+        .where(apps.c.account_id == account_id)
+        .order_by(apps.c.created_at, apps.c.id)
+    )
+    if app_id is not None:
+        query = query.where(apps.c.id == app_id)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).mappings().all()
+        current_ids = [
+            row["current_deploy_id"] for row in rows if row["current_deploy_id"]
+        ]
+        current: dict[str, DeployOut] = {}
+        if current_ids:
+            found = await conn.execute(
+                select(deploys).where(deploys.c.id.in_(current_ids))
+            )
+            current = {row["id"]: _deploy(row) for row in found.mappings()}
+    return [
+        AppOut(
+            id=row["id"],
+            name=row["name"],
+            image=row["image"],
+            digest=row["digest"],
+            credential_id=row["credential_id"],
+            status=row["status"],
+            url=row["url"],
+            port=row["port"],
+            warnings=row["warnings"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            current_deploy=current.get(row["current_deploy_id"] or ""),
+        )
+        for row in rows
+    ]
+
+
+async def list_deploys(
+    engine: AsyncEngine,
+    account_id: str,
+    *,
+    app_id: str | None = None,
+    deploy_id: str | None = None,
+) -> list[DeployOut]:
+    query = (
+        select(deploys)
+        .where(deploys.c.account_id == account_id)
+        .order_by(deploys.c.requested_at.desc(), deploys.c.id.desc())
+    )
+    if app_id is not None:
+        query = query.where(deploys.c.app_id == app_id)
+    if deploy_id is not None:
+        query = query.where(deploys.c.id == deploy_id)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).mappings().all()
+    return [_deploy(row) for row in rows]
+
+
+def _deploy(row: Any) -> DeployOut:
+    return DeployOut(
+        id=row["id"],
+        app_id=row["app_id"],
+        reason=row["reason"],
+        status=row["status"],
+        digest=row["digest"],
+        credential_id=row["credential_id"],
+        requested_at=row["requested_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        stages=row["stages"],
+        error=row["error"],
+    )

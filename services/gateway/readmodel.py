@@ -6,6 +6,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -71,4 +72,49 @@ audit_events = Table(
     Index("audit_events_account_position", "account_id", "position"),
 )
 
-READ_MODEL_TABLES = (accounts, credentials, credential_apps, audit_events)
+apps = Table(
+    "apps",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("account_id", String(64), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("image", String(600), nullable=False),
+    Column("digest", String(200), nullable=True),
+    Column("credential_id", String(64), nullable=True),
+    Column("status", String(20), nullable=False),
+    Column("url", String(300), nullable=True),
+    Column("port", Integer, nullable=False),
+    Column("warnings", JSONB, nullable=False),
+    Column("current_deploy_id", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+deploys = Table(
+    "deploys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column(
+        "app_id", String(64), ForeignKey("apps.id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("account_id", String(64), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("digest", String(200), nullable=True),
+    Column("credential_id", String(64), nullable=True),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("stages", JSONB, nullable=False),
+    Column("error", JSONB, nullable=True),
+    Index("deploys_app_requested", "app_id", "requested_at"),
+)
+
+READ_MODEL_TABLES = (
+    accounts,
+    credentials,
+    credential_apps,
+    apps,
+    deploys,
+    audit_events,
+)

@@ -1,15 +1,23 @@
 """Request and response bodies of the HTTP API."""
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    model_validator,
+)
 
 from contracts.events import AppRef
 
 
 def _printable(value: str) -> str:
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if any(unicodedata.category(char) == "Cc" for char in value):
         raise ValueError("must not contain control characters")
     if value != value.strip():
         raise ValueError("must not start or end with white space")
@@ -89,3 +97,85 @@ class AuditEvent(BaseModel):
 class AuditPage(BaseModel):
     items: list[AuditEvent]
     next: int
+
+
+class InlineCredentialIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    registry: Registry | None = None
+    username: Username
+    secret: Secret
+    name: Name | None = None
+
+
+ImageText = Annotated[
+    str, Field(min_length=1, max_length=600), AfterValidator(_printable)
+]
+
+
+class AppIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    image: ImageText
+    credential_id: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    credential: InlineCredentialIn | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> "AppIn":
+        if self.credential_id is not None and self.credential is not None:
+            raise ValueError("give either credential_id or credential, not both")
+        return self
+
+
+class AppPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    credential_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class DeployError(BaseModel):
+    stage: str | None = None
+    code: str
+    registry_status: int | None = None
+    registry_code: str | None = None
+    registry_message: str | None = None
+    explanation: str | None = None
+
+
+class DeployOut(BaseModel):
+    id: str
+    app_id: str
+    reason: str
+    status: str
+    digest: str | None
+    credential_id: str | None
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    stages: dict[str, object]
+    error: DeployError | None
+
+
+class AppOut(BaseModel):
+    id: str
+    name: str
+    image: str
+    digest: str | None
+    credential_id: str | None
+    status: str
+    url: str | None
+    port: int
+    warnings: list[str]
+    created_at: datetime
+    updated_at: datetime
+    current_deploy: DeployOut | None
+
+
+class AppList(BaseModel):
+    items: list[AppOut]
+
+
+class DeployList(BaseModel):
+    items: list[DeployOut]

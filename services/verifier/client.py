@@ -38,6 +38,7 @@ from services.verifier.protocol import (
     REPOSITORY,
     TAG,
     Challenge,
+    digest_of,
     parse_challenges,
     parse_error_body,
     parse_retry_after,
@@ -51,6 +52,7 @@ TOKEN_MARGIN_S = 10.0
 _ERROR_BODY_LIMIT = 64 * 1024
 _TOKEN_BODY_LIMIT = 1024 * 1024
 _MANIFEST_LIMIT = 4 * 1024 * 1024
+BLOB_LIMIT = 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "crabglamp-verifier/0.1"
 
@@ -218,16 +220,25 @@ class RegistryClient:
         return challenge
 
     async def authenticate(
-        self, username: str, secret: SecretStr, scope: str | None = None
+        self,
+        username: str,
+        secret: SecretStr,
+        scope: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> Authorization:
-        """Credentials for the next calls: Basic, or a Bearer token for ``scope``."""
+        """Credentials for the next calls: Basic, or a Bearer token for ``scope``.
+
+        ``fresh`` skips the token cache: proving a secret must ask the token
+        service now, or a secret revoked since the last token would pass.
+        """
         if not self._pinged:
             await self.ping()
         challenge = self._challenge
         if challenge is None or challenge.scheme == "basic":
             return Authorization.basic(username, secret)
         key = self._tokens.key(self.registry.name, username, secret, scope or "")
-        cached = self._tokens.get(key)
+        cached = None if fresh else self._tokens.get(key)
         if cached is not None:
             return Authorization.bearer(cached)
         url = self._realm_url(challenge, scope)
@@ -242,6 +253,36 @@ class RegistryClient:
         grant = parse_token_response(answer.body, now=datetime.now(UTC))
         self._tokens.put(key, grant.token, grant.lifetime_s)
         return Authorization.bearer(grant.token)
+
+    async def authenticate_anonymously(self, scope: str) -> Authorization | None:
+        """A Bearer token for ``scope`` without credentials, or None to ask bare.
+
+        Registries that want Basic get no header: their refusal is the answer.
+        """
+        if not self._pinged:
+            await self.ping()
+        challenge = self._challenge
+        if challenge is None or challenge.scheme == "basic":
+            return None
+        key = self._tokens.key(self.registry.name, "", SecretStr(""), scope)
+        cached = self._tokens.get(key)
+        if cached is not None:
+            return Authorization.bearer(cached)
+        url = self._realm_url(challenge, scope)
+        answer = await self._request("GET", url, None, _TOKEN_BODY_LIMIT)
+        if answer.status != 200:
+            raise self._failure(
+                answer,
+                f"The token service at {_netloc(url)} answered {answer.status}.",
+            )
+        grant = parse_token_response(answer.body, now=datetime.now(UTC))
+        self._tokens.put(key, grant.token, grant.lifetime_s)
+        return Authorization.bearer(grant.token)
+
+    @property
+    def challenge(self) -> Challenge | None:
+        """The challenge /v2/ answered with, once pinged; None if it asked none."""
+        return self._challenge
 
     async def check_login(self, auth: Authorization) -> None:
         """GET /v2/ with ``auth``: raise unless the registry answers 200."""
@@ -291,6 +332,35 @@ class RegistryClient:
             )
         return _manifest(answer)
 
+    async def get_blob(
+        self,
+        repository: str,
+        digest: str,
+        auth: Authorization | None,
+        limit: int = BLOB_LIMIT,
+    ) -> bytes:
+        """GET a small blob, following storage redirects, and check its digest."""
+        url = self._blob_url(repository, digest)
+        answer = await self._request("GET", url, auth, limit + 1)
+        if answer.status != 200:
+            raise self._failure(
+                answer,
+                f"{self.registry.name} answered {answer.status} for the blob "
+                f"{digest} of {repository}.",
+            )
+        if len(answer.body) > limit:
+            raise MalformedResponseError(
+                f"The blob {digest} of {repository} is larger than {limit} bytes.",
+                status=200,
+            )
+        if digest_of(answer.body, digest.partition(":")[0]) != digest:
+            raise MalformedResponseError(
+                f"{self.registry.name} sent content for the blob {digest} of "
+                f"{repository} that does not match that digest.",
+                status=200,
+            )
+        return answer.body
+
     def _url(self, path: str) -> httpx.URL:
         return httpx.URL(self.registry.base_url + path)
 
@@ -300,6 +370,16 @@ class RegistryClient:
         if not (TAG.fullmatch(reference) or DIGEST.fullmatch(reference)):
             raise InvalidImageError(f"'{reference[:80]}' is not a tag or digest.")
         return self._url(f"/v2/{repository}/manifests/{reference}")
+
+    def _blob_url(self, repository: str, digest: str) -> httpx.URL:
+        if not REPOSITORY.fullmatch(repository) or len(repository) > 255:
+            raise InvalidImageError(f"'{repository[:80]}' is not a repository name.")
+        if not DIGEST.fullmatch(digest):
+            raise MalformedResponseError(
+                f"'{digest[:80]}' is not a digest this verifier can check.",
+                status=None,
+            )
+        return self._url(f"/v2/{repository}/blobs/{digest}")
 
     def _realm_url(self, challenge: Challenge, scope: str | None) -> httpx.URL:
         realm = challenge.realm

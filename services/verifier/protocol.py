@@ -1,6 +1,7 @@
 """What registries say on the wire, read defensively: no I/O here."""
 
 import email.utils
+import hashlib
 import html
 import json
 import re
@@ -26,6 +27,8 @@ REPOSITORY = re.compile(
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", re.ASCII)
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}", re.ASCII)
 
+DIGEST_ALGORITHMS = frozenset({"sha256", "sha512"})
+
 DEFAULT_TOKEN_LIFETIME_S = 60.0
 _BEARER_TOKEN = re.compile(r"[\x21-\x7e]+", re.ASCII)
 _MESSAGE_LIMIT = 300
@@ -33,6 +36,13 @@ _TCHAR = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _SPACE = " \t"
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    """``algorithm:hex`` of ``data``, for sha256 or sha512."""
+    if algorithm not in DIGEST_ALGORITHMS:
+        raise ValueError(f"unsupported digest algorithm {algorithm[:20]!r}")
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from services.cli import create_account
 from services.gateway.migrate import upgrade
 from tests.support.registry import LocalRegistry
 
-SERVICES = ("verifier", "credentials", "gateway")
+SERVICES = ("verifier", "credentials", "deployer", "gateway")
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from contracts.commands import VerifyCredential
 from contracts.replies import Verification
@@ -326,23 +327,24 @@ async def test_a_token_service_answering_html_is_a_registry_error() -> None:
     assert "without a JSON object" in verification.error.explanation
 
 
-async def test_tokens_are_reused_until_they_expire() -> None:
+async def test_cached_tokens_are_reused_until_they_expire() -> None:
     now = [1000.0]
     tokens = TokenCache(clock=lambda: now[0])
-    fake = Fake(bearer_registry("https://auth.test/token", grant))
-
-    def token_requests() -> int:
-        return sum(1 for r in fake.requests if r.url.path == "/token")
-
-    assert (await fake.verify(tokens=tokens)).outcome == "accepted"
-    assert (await fake.verify(tokens=tokens)).outcome == "accepted"
-    assert token_requests() == 1
+    key = tokens.key("registry.test", "alice", SecretStr("s3cret"), "scope")
+    tokens.put(key, "tok", 300)
+    assert tokens.get(key) == "tok"
     now[0] += 289.0
-    await fake.verify(tokens=tokens)
-    assert token_requests() == 1
+    assert tokens.get(key) == "tok"
     now[0] += 2.0
-    await fake.verify(tokens=tokens)
-    assert token_requests() == 2
+    assert tokens.get(key) is None
+
+
+async def test_verification_never_proves_a_secret_with_a_cached_token() -> None:
+    tokens = TokenCache()
+    fake = Fake(bearer_registry("https://auth.test/token", grant))
+    assert (await fake.verify(tokens=tokens)).outcome == "accepted"
+    assert (await fake.verify(tokens=tokens)).outcome == "accepted"
+    assert sum(1 for r in fake.requests if r.url.path == "/token") == 2
 
 
 async def test_a_cached_token_does_not_vouch_for_another_secret() -> None:
@@ -418,9 +420,9 @@ async def test_docker_hub_bare_names_live_under_library() -> None:
     ("image", "names"),
     [
         ("ghcr.io/team/app", "on ghcr.io, but the credential is for registry.test"),
-        ("Team/App", "not a repository name"),
-        ("team/app:bad!tag", "not a tag"),
-        ("team/app@sha256:1234", "not a digest"),
+        ("Team/App", "The repository path 'Team/App' must be lowercase."),
+        ("team/app:bad!tag", "The tag 'bad!tag' may only contain"),
+        ("team/app@sha256:1234", "'sha256:1234' is not a valid sha256 digest"),
     ],
 )
 async def test_a_bad_image_is_refused_before_any_call(image: str, names: str) -> None:

@@ -1,0 +1,94 @@
+"""The deployer process: App commands over NATS request/reply."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel
+
+from contracts import subjects
+from contracts.commands import ChangeAppCredential, CreateApp, DeleteApp, RedeployApp
+from contracts.replies import (
+    AppReply,
+    CredentialReply,
+    Failure,
+    ImageCheck,
+    ResolvedCredential,
+)
+from services.backbone import bus
+from services.backbone.eventlog import EventLog
+from services.backbone.settings import Settings
+from services.deployer.handlers import DeployerHandlers, Peers
+
+log = structlog.get_logger(__name__)
+QUEUE = "deployer"
+R = TypeVar("R", bound=BaseModel)
+
+
+def peers(nc: NATS, settings: Settings) -> Peers:
+    """The credentials service and the verifier, reached over NATS."""
+    timeout_s = settings.request_timeout_s
+
+    def ask(subject: str, reply: type[R]) -> Callable[[BaseModel], Awaitable[R]]:
+        async def call(command: BaseModel) -> R:
+            return await bus.request(nc, subject, command, reply, timeout_s=timeout_s)
+
+        return call
+
+    return Peers(
+        add_credential=ask(subjects.ADD_CREDENTIAL, CredentialReply),
+        attach=ask(subjects.ATTACH_CREDENTIAL, CredentialReply),
+        detach=ask(subjects.DETACH_CREDENTIAL, CredentialReply),
+        resolve=ask(subjects.RESOLVE_CREDENTIAL, ResolvedCredential),
+        check_image=ask(subjects.CHECK_IMAGE, ImageCheck),
+    )
+
+
+def build_app(settings: Settings) -> FastStream:
+    broker = NatsBroker(settings.nats_url, logger=None)
+    app = FastStream(broker, logger=None)
+    state: dict[str, DeployerHandlers] = {}
+
+    @app.on_startup
+    async def connect() -> None:
+        # Build the adapters before any subscriber takes a message.
+        await broker.connect()
+        events = EventLog(broker.connection)
+        await events.ensure_stream(settings.stream_replicas)
+        state["handlers"] = DeployerHandlers(events, peers(broker.connection, settings))
+        log.info("deployer ready", nats=settings.nats_url)
+
+    def invalid(detail: str) -> AppReply:
+        return AppReply(
+            ok=False, failure=Failure(code="invalid_request", detail=detail)
+        )
+
+    async def create(cmd: CreateApp) -> AppReply:
+        return await state["handlers"].create_app(cmd)
+
+    async def change(cmd: ChangeAppCredential) -> AppReply:
+        return await state["handlers"].change_credential(cmd)
+
+    async def redeploy(cmd: RedeployApp) -> AppReply:
+        return await state["handlers"].redeploy_app(cmd)
+
+    async def delete(cmd: DeleteApp) -> AppReply:
+        return await state["handlers"].delete_app(cmd)
+
+    subscribe = broker.subscriber
+    serve = bus.command_subscriber
+    subscribe(subjects.CREATE_APP, queue=QUEUE)(serve(CreateApp, create, invalid))
+    subscribe(subjects.CHANGE_APP_CREDENTIAL, queue=QUEUE)(
+        serve(ChangeAppCredential, change, invalid)
+    )
+    subscribe(subjects.REDEPLOY_APP, queue=QUEUE)(serve(RedeployApp, redeploy, invalid))
+    subscribe(subjects.DELETE_APP, queue=QUEUE)(serve(DeleteApp, delete, invalid))
+    return app
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(build_app(settings).run())
