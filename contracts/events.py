@@ -146,6 +146,71 @@ class DeployRequested(Event):
     credential_id: str | None
 
 
+class DeployStarted(Event):
+    type: Literal["DeployStarted"] = "DeployStarted"
+    deploy_id: str
+    app_id: str
+    attempt: int = 1
+
+
+class ImagePulled(Event):
+    type: Literal["ImagePulled"] = "ImagePulled"
+    deploy_id: str
+    app_id: str
+    digest: str
+    platform_digest: str | None
+    bytes_fetched: int
+    bytes_total: int
+    pull_ms: int
+    unpack_ms: int
+
+
+class VmBooted(Event):
+    type: Literal["VmBooted"] = "VmBooted"
+    deploy_id: str
+    app_id: str
+    url: str
+    boot_ms: int
+
+
+class DeploySucceeded(Event):
+    type: Literal["DeploySucceeded"] = "DeploySucceeded"
+    deploy_id: str
+    app_id: str
+    digest: str
+    url: str
+    stages: dict[str, int]
+
+
+class DeployError(BaseModel):
+    """Why a deploy failed: the stage, our code, and the registry's words."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: Literal["resolve", "pull", "unpack", "boot"]
+    code: str
+    registry_status: int | None = None
+    registry_code: str | None = None
+    registry_message: str | None = None
+    explanation: str
+
+
+class DeployFailed(Event):
+    type: Literal["DeployFailed"] = "DeployFailed"
+    deploy_id: str
+    app_id: str
+    error: DeployError
+    stages: dict[str, int] = {}
+
+
+class AppStopped(Event):
+    """The App's VM was stopped (App deleted); no URL answers any more."""
+
+    type: Literal["AppStopped"] = "AppStopped"
+    app_id: str
+    deploy_id: str | None = None
+
+
 class AppNameClaimed(Event):
     type: Literal["AppNameClaimed"] = "AppNameClaimed"
     account_id: str
@@ -175,7 +240,13 @@ DomainEvent = Annotated[
     | AppDeleted
     | DeployRequested
     | AppNameClaimed
-    | AppNameReleased,
+    | AppNameReleased
+    | DeployStarted
+    | ImagePulled
+    | VmBooted
+    | DeploySucceeded
+    | DeployFailed
+    | AppStopped,
     Field(discriminator="type"),
 ]
 
@@ -197,6 +268,12 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DeployRequested,
         AppNameClaimed,
         AppNameReleased,
+        DeployStarted,
+        ImagePulled,
+        VmBooted,
+        DeploySucceeded,
+        DeployFailed,
+        AppStopped,
     )
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the embedded servers and the tests run:
-# a distribution registry, htpasswd, PostgreSQL, skopeo, mkfs.ext4 and CA roots.
+# a distribution registry, htpasswd, PostgreSQL, skopeo, mkfs.ext4, CA roots,
+# and what App VMs boot with: QEMU, a static busybox, cpio and xz.
 # Idempotent: when everything is installed it does nothing and needs no network.
 set -euo pipefail
 
@@ -11,6 +12,10 @@ PACKAGES=(
     skopeo
     e2fsprogs
     ca-certificates
+    qemu-system-x86
+    busybox-static
+    cpio
+    xz-utils
 )
 
 installed() {

@@ -28,6 +28,10 @@ from services.backbone.settings import Settings
 app = typer.Typer(help="CrabGlamp: private images on App VMs.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts and their API tokens.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
+keys_app = typer.Typer(
+    help="The master key that wraps data keys.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 
 RUNTIME_FILE = "runtime.json"
@@ -153,6 +157,39 @@ def accounts_create(name: str) -> None:
     token = asyncio.run(create_account(settings, name))
     console.print(f"Account [bold]{name}[/bold] created. Its token, shown only once:")
     print(token)
+
+
+@keys_app.command("rotate")
+def keys_rotate() -> None:
+    """Add a new master key and rewrap every live data key under it.
+
+    The event log is not touched. Restart the credentials service afterwards
+    so new data keys are wrapped with the new master key too.
+    """
+    from services.credentials.sealing import DataKeyStore, MasterKeyring
+
+    settings = load_settings()
+    path = settings.resolved_master_key_file
+    ring = MasterKeyring.load_or_create(path)
+    rotated = ring.rotated()
+    # Saved first: a data key rewrapped below must never be unreadable.
+    rotated.save(path)
+
+    async def rewrap() -> int:
+        nc = await nats.connect(settings.nats_url, name="crabglamp-cli")
+        try:
+            store = await DataKeyStore.open(nc, ring, settings.stream_replicas)
+            return await store.rewrap_all(rotated)
+        finally:
+            await nc.drain()
+
+    count = asyncio.run(rewrap())
+    console.print(
+        f"Master key version {rotated.active_version} is active;"
+        f" {count} data keys rewrapped."
+    )
+    # TODO: retire old master key versions once no wrapped data key uses them;
+    # they stay in the key file so a service still holding the old ring works.
 
 
 @app.command()

@@ -36,10 +36,11 @@ class CredentialExistsError(CredentialError):
 class CredentialInUseError(CredentialError):
     """A credential still referenced by Apps cannot be deleted."""
 
-    def __init__(self, apps: list[AppRef]) -> None:
+    def __init__(self, apps: list[AppRef], position: int | None = None) -> None:
         names = ", ".join(app.name for app in apps)
         super().__init__(f"the credential is still used by: {names}")
         self.apps = apps
+        self.position = position
 
 
 def secret_hint(secret: str) -> str:

@@ -48,8 +48,14 @@ def build_app(settings: Settings) -> FastStream:
         nc = broker.connection
         events = EventLog(nc)
         await events.ensure_stream(settings.stream_replicas)
-        ring = MasterKeyring.load_or_create(settings.resolved_master_key_file)
-        keys = await DataKeyStore.open(nc, ring, settings.stream_replicas)
+        key_file = settings.resolved_master_key_file
+        ring = MasterKeyring.load_or_create(key_file)
+        keys = await DataKeyStore.open(
+            nc,
+            ring,
+            settings.stream_replicas,
+            reload=lambda: MasterKeyring.load_or_create(key_file),
+        )
 
         async def verify(command: VerifyCredential) -> Verification:
             return await bus.request(

@@ -183,7 +183,7 @@ class CredentialsHandlers:
             position = await self._append(cmd, credential, events)
             if credential.apps:
                 apps = sorted(credential.apps.values(), key=lambda app: app.name)
-                raise CredentialInUseError(apps)
+                raise CredentialInUseError(apps, position)
             assert credential.sealed_secret is not None
 
             # The log keeps the sealed secret; destroying the key shreds it.
@@ -311,7 +311,13 @@ class CredentialsHandlers:
         try:
             reply = await with_retries(attempt, what=what)
         except CredentialInUseError as exc:
-            return _failure("credential_in_use", str(exc).capitalize() + ".", exc.apps)
+            refused = _failure(
+                "credential_in_use",
+                str(exc).capitalize() + "; point those Apps at another credential"
+                " first.",
+                exc.apps,
+            )
+            return refused.model_copy(update={"position": exc.position})
         except CredentialNotFoundError as exc:
             return _failure("credential_not_found", f"Credential {exc} does not exist.")
         except CredentialExistsError as exc:

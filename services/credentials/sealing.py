@@ -11,7 +11,7 @@ import base64
 import json
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +115,15 @@ class DataKey:
 class DataKeyStore:
     """Wrapped data keys in a JetStream key-value bucket, one per credential."""
 
-    def __init__(self, kv: KeyValue, ring: MasterKeyring) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        ring: MasterKeyring,
+        reload: Callable[[], MasterKeyring] | None = None,
+    ) -> None:
         self._kv = kv
         self._ring = ring
+        self._reload = reload
 
     @classmethod
     async def open(
@@ -126,6 +132,7 @@ class DataKeyStore:
         ring: MasterKeyring,
         replicas: int = 1,
         bucket: str = CREDENTIAL_KEYS_BUCKET,
+        reload: Callable[[], MasterKeyring] | None = None,
     ) -> "DataKeyStore":
         js = nc.jetstream()
         try:
@@ -139,7 +146,7 @@ class DataKeyStore:
                     replicas=replicas,
                 )
             )
-        return cls(kv, ring)
+        return cls(kv, ring, reload)
 
     async def create(self, credential_id: str, version: int) -> DataKey:
         """A fresh data key for one version of the credential's secret."""
@@ -155,7 +162,11 @@ class DataKeyStore:
         except KeyNotFoundError as exc:
             raise DataKeyDestroyedError(name) from exc
         assert entry.value is not None
-        return DataKey(version, self._ring.unwrap(name, json.loads(entry.value)))
+        record = json.loads(entry.value)
+        if int(record["master_version"]) not in self._ring.keys and self._reload:
+            # The master key was rotated since this process loaded it.
+            self._ring = self._reload()
+        return DataKey(version, self._ring.unwrap(name, record))
 
     async def destroy(self, credential_id: str, versions: Iterable[int]) -> None:
         """Purge keys and their history: those sealed secrets are gone for good."""

@@ -3,8 +3,8 @@
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, delete, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, cast, delete, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from contracts.events import (
@@ -12,12 +12,18 @@ from contracts.events import (
     AppCreated,
     AppCredentialChanged,
     AppDeleted,
+    AppStopped,
     CredentialAdded,
     CredentialAttached,
     CredentialDeleted,
     CredentialDetached,
     CredentialUpdated,
+    DeployFailed,
     DeployRequested,
+    DeployStarted,
+    DeploySucceeded,
+    ImagePulled,
+    VmBooted,
     parse_event,
 )
 from contracts.subjects import aggregate_subject
@@ -163,6 +169,81 @@ class ReadModelProjector:
                 )
             case AppDeleted():
                 await conn.execute(delete(apps).where(apps.c.id == event.app_id))
+            case DeployStarted():
+                await self._deploy(
+                    conn, event.deploy_id, status="pulling", started_at=at
+                )
+            case ImagePulled():
+                await self._deploy(
+                    conn,
+                    event.deploy_id,
+                    status="booting",
+                    digest=event.digest,
+                    stages={
+                        "pull_ms": event.pull_ms,
+                        "unpack_ms": event.unpack_ms,
+                        "bytes_fetched": event.bytes_fetched,
+                        "bytes_total": event.bytes_total,
+                    },
+                )
+            case VmBooted():
+                await self._deploy(
+                    conn, event.deploy_id, stages={"boot_ms": event.boot_ms}
+                )
+            case DeploySucceeded():
+                await self._deploy(
+                    conn,
+                    event.deploy_id,
+                    status="succeeded",
+                    finished_at=at,
+                    stages=event.stages,
+                )
+                await conn.execute(
+                    update(apps)
+                    .where(apps.c.id == event.app_id)
+                    .values(
+                        status="running",
+                        url=event.url,
+                        digest=event.digest,
+                        updated_at=at,
+                    )
+                )
+            case DeployFailed():
+                await self._deploy(
+                    conn,
+                    event.deploy_id,
+                    status="failed",
+                    finished_at=at,
+                    stages=event.stages,
+                    error=event.error.model_dump(mode="json"),
+                )
+                # An older VM that still answers keeps the App running.
+                await conn.execute(
+                    update(apps)
+                    .where(apps.c.id == event.app_id, apps.c.url.is_(None))
+                    .values(status="failed", updated_at=at)
+                )
+            case AppStopped():
+                await conn.execute(
+                    update(apps)
+                    .where(apps.c.id == event.app_id)
+                    .values(status="stopped", url=None, updated_at=at)
+                )
+        await self._audit(conn, stored)
+
+    async def _deploy(
+        self, conn: AsyncConnection, deploy_id: str, **values: Any
+    ) -> None:
+        """Move a deploy along; stage timings merge into what is there."""
+        stages = values.pop("stages", None)
+        if stages:
+            values["stages"] = deploys.c.stages.op("||")(cast(stages, JSONB))
+        await conn.execute(
+            update(deploys).where(deploys.c.id == deploy_id).values(**values)
+        )
+
+    async def _audit(self, conn: AsyncConnection, stored: StoredEvent) -> None:
+        envelope = stored.envelope
         await conn.execute(
             insert(audit_events).values(
                 position=stored.position,
@@ -171,7 +252,7 @@ class ReadModelProjector:
                 subject=aggregate_subject(
                     envelope.aggregate_type, envelope.aggregate_id
                 ),
-                occurred_at=at,
+                occurred_at=envelope.occurred_at,
                 actor=envelope.actor,
                 data=redact(envelope.data),
             )
