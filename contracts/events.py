@@ -142,7 +142,7 @@ class DeployRequested(Event):
     type: Literal["DeployRequested"] = "DeployRequested"
     deploy_id: str
     app_id: str
-    reason: Literal["create", "credential_changed", "redeploy"]
+    reason: Literal["create", "credential_changed", "redeploy", "restore"]
     credential_id: str | None
 
 

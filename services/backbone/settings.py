@@ -28,7 +28,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     stream_replicas: int = 1
     request_timeout_s: float = 20.0
+    deploy_workers: int = 1
     registry_timeout_s: float = 10.0
+    vm_memory_mb: int = 128
+    vm_cpus: int = 1
+    vm_accel: str = "auto"
 
     @field_validator("insecure_registries", "allow_registries", mode="before")
     @classmethod

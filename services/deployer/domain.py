@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from contracts.events import (
     AppCreated,
@@ -9,7 +10,10 @@ from contracts.events import (
     AppDeleted,
     AppNameClaimed,
     AppNameReleased,
+    AppStopped,
+    DeployFailed,
     DeployRequested,
+    DeploySucceeded,
     Event,
 )
 
@@ -47,6 +51,8 @@ class App:
     warnings: list[str] = field(default_factory=list)
     created_at: datetime | None = None
     deploys: list[str] = field(default_factory=list)
+    finished: set[str] = field(default_factory=set)
+    url: str | None = None
     commands: set[str] = field(default_factory=set)
 
     @property
@@ -69,6 +75,13 @@ class App:
                 self.digest = event.digest
             case DeployRequested():
                 self.deploys.append(event.deploy_id)
+            case DeploySucceeded():
+                self.finished.add(event.deploy_id)
+                self.url = event.url
+            case DeployFailed():
+                self.finished.add(event.deploy_id)
+            case AppStopped():
+                self.url = None
             case AppDeleted():
                 self.deleted = True
         self.version = position
@@ -134,13 +147,18 @@ class App:
             ),
         ]
 
-    def redeploy(self, account_id: str, deploy_id: str) -> list[Event]:
+    def redeploy(
+        self,
+        account_id: str,
+        deploy_id: str,
+        reason: Literal["redeploy", "restore"] = "redeploy",
+    ) -> list[Event]:
         self.require(account_id)
         return [
             DeployRequested(
                 deploy_id=deploy_id,
                 app_id=self.id,
-                reason="redeploy",
+                reason=reason,
                 credential_id=self.credential_id,
             )
         ]

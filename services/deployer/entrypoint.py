@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from faststream import FastStream
@@ -23,6 +23,9 @@ from services.backbone import bus
 from services.backbone.eventlog import EventLog
 from services.backbone.settings import Settings
 from services.deployer.handlers import DeployerHandlers, Peers
+
+if TYPE_CHECKING:
+    from services.deployer.worker import DeployWorker
 
 log = structlog.get_logger(__name__)
 QUEUE = "deployer"
@@ -53,14 +56,52 @@ def build_app(settings: Settings) -> FastStream:
     app = FastStream(broker, logger=None)
     state: dict[str, DeployerHandlers] = {}
 
+    tasks: list[asyncio.Task[None]] = []
+    workers: list[DeployWorker] = []
+
     @app.on_startup
     async def connect() -> None:
         # Build the adapters before any subscriber takes a message.
         await broker.connect()
-        events = EventLog(broker.connection)
+        nc = broker.connection
+        events = EventLog(nc)
         await events.ensure_stream(settings.stream_replicas)
-        state["handlers"] = DeployerHandlers(events, peers(broker.connection, settings))
+        ports = peers(nc, settings)
+        handlers = DeployerHandlers(events, ports)
+        state["handlers"] = handlers
+        if settings.deploy_workers < 1:
+            # A command-only replica, e.g. on a node that cannot run VMs.
+            log.info("deployer ready without deploy worker", nats=settings.nats_url)
+            return
+        # The VM machinery loads only where VMs run.
+        from services.deployer.pull import BlobCache, ImagePuller
+        from services.deployer.vm import PlatformAssets, QemuDriver
+        from services.deployer.worker import DeployWorker
+
+        data_dir = settings.data_dir.resolve() / "deployer"
+        assets = await PlatformAssets.ensure(data_dir)
+        worker = DeployWorker(
+            nc,
+            events,
+            handlers,
+            ports,
+            ImagePuller(settings, BlobCache(data_dir / "blobs")),
+            QemuDriver(assets, accel=settings.vm_accel),
+            data_dir,
+            memory_mb=settings.vm_memory_mb,
+            cpus=settings.vm_cpus,
+        )
+        workers.append(worker)
+        tasks.append(asyncio.create_task(_supervised(worker), name="deploy-worker"))
         log.info("deployer ready", nats=settings.nats_url)
+
+    @app.on_shutdown
+    async def stop() -> None:
+        # VMs stop with the suite; the log still says which Apps to restore.
+        for task in tasks:
+            task.cancel()
+        for worker in workers:
+            await worker.stop_all()
 
     def invalid(detail: str) -> AppReply:
         return AppReply(
@@ -88,6 +129,18 @@ def build_app(settings: Settings) -> FastStream:
     subscribe(subjects.REDEPLOY_APP, queue=QUEUE)(serve(RedeployApp, redeploy, invalid))
     subscribe(subjects.DELETE_APP, queue=QUEUE)(serve(DeleteApp, delete, invalid))
     return app
+
+
+async def _supervised(worker: "DeployWorker") -> None:
+    """Keep the worker following; a failure is logged once and retried."""
+    while True:
+        try:
+            await worker.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deploy worker stopped; starting again")
+            await asyncio.sleep(2)
 
 
 def run(settings: Settings) -> None:

@@ -9,14 +9,9 @@ detaches again if recording fails.
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
-from contracts.references import (
-    ImageReference,
-    InvalidReferenceError,
-    parse_reference,
-    same_registry,
-)
 
 from contracts.commands import (
     AddCredential,
@@ -33,6 +28,12 @@ from contracts.commands import (
 from contracts.envelope import new_id
 from contracts.errors import ErrorCode, RegistryError
 from contracts.events import AppCreateRejected, parse_event
+from contracts.references import (
+    ImageReference,
+    InvalidReferenceError,
+    parse_reference,
+    same_registry,
+)
 from contracts.replies import (
     AppReply,
     AppView,
@@ -350,17 +351,19 @@ class DeployerHandlers:
 
         return await self._guard(cmd, attempt, "change app credential")
 
-    async def redeploy_app(self, cmd: RedeployApp) -> AppReply:
+    async def redeploy_app(
+        self, cmd: RedeployApp, reason: Literal["redeploy", "restore"] = "redeploy"
+    ) -> AppReply:
         async def attempt() -> AppReply:
             app = await self.load(cmd.app_id)
             app.require(cmd.account_id)
             if cmd.command_id in app.commands:
                 return _reply(app)
-            events = app.redeploy(cmd.account_id, cmd.deploy_id)
+            events = app.redeploy(cmd.account_id, cmd.deploy_id, reason)
             position = await self._events.record(
                 cmd, "app", app.id, app.version, events
             )
-            return _reply(app, position, _deploy(cmd.deploy_id, app, "redeploy"))
+            return _reply(app, position, _deploy(cmd.deploy_id, app, reason))
 
         return await self._guard(cmd, attempt, "redeploy app")
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from services.registry.hosts import RegistryHost, RegistryKind
 from services.verifier.errors import SecretFormatError
-from services.verifier.hosts import RegistryHost, RegistryKind
 
 JSON_KEY_USERNAME = "_json_key"
 JSON_KEY_BASE64_USERNAME = "_json_key_base64"

@@ -20,12 +20,12 @@ from contracts.replies import ImageCheck, Verification
 from contracts.subjects import CHECK_IMAGE, VERIFY_CREDENTIAL
 from services.backbone.logging import configure_logging
 from services.backbone.settings import Settings
-from services.verifier.client import TokenCache
-from services.verifier.guard import AddressGuard
+from services.registry.client import TokenCache
+from services.registry.guard import AddressGuard
+from services.registry.protocol import clean_text
+from services.registry.refusals import Redactor
 from services.verifier.handlers import verify_credential
 from services.verifier.images import check_image
-from services.verifier.protocol import clean_text
-from services.verifier.refusals import Redactor
 
 QUEUE = "verifier"
 

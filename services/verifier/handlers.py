@@ -15,17 +15,16 @@ from contracts.references import (
 )
 from contracts.replies import Verification
 from services.backbone.settings import Settings
-from services.verifier.client import RegistryClient, TokenCache
-from services.verifier.credentials import check_secret
-from services.verifier.errors import (
+from services.registry.client import RegistryClient, TokenCache
+from services.registry.errors import (
     InvalidImageError,
     InvalidRegistryError,
+    RegistryAccessError,
     RegistryResponseError,
-    VerifierError,
 )
-from services.verifier.guard import AddressGuard
-from services.verifier.hosts import RegistryHost, RegistryKind, parse_registry
-from services.verifier.refusals import (
+from services.registry.guard import AddressGuard
+from services.registry.hosts import RegistryHost, RegistryKind, parse_registry
+from services.registry.refusals import (
     Redactor,
     failure_advice,
     ghcr_not_found,
@@ -33,6 +32,7 @@ from services.verifier.refusals import (
     read_advice,
     registry_error,
 )
+from services.verifier.credentials import check_secret
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ async def verify_credential(
             refusal = await _prove(client, cmd, image)
     except RegistryResponseError as exc:
         refusal = registry_error(exc, exc.code, registry, failure_advice(registry, exc))
-    except VerifierError as exc:
+    except RegistryAccessError as exc:
         return _rejected(cmd, registry.name, exc.code, exc.detail)
     if refusal is not None:
         return _redacted(

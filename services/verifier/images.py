@@ -9,17 +9,16 @@ from contracts.errors import ErrorCode, RegistryError
 from contracts.references import ImageReference, InvalidReferenceError, parse_reference
 from contracts.replies import ImageCheck
 from services.backbone.settings import Settings
-from services.verifier.client import Authorization, Manifest, RegistryClient, TokenCache
-from services.verifier.credentials import check_secret
-from services.verifier.errors import (
+from services.registry.client import Authorization, Manifest, RegistryClient, TokenCache
+from services.registry.errors import (
     InvalidRegistryError,
     MalformedResponseError,
+    RegistryAccessError,
     RegistryResponseError,
-    VerifierError,
 )
-from services.verifier.guard import AddressGuard
-from services.verifier.hosts import RegistryKind, parse_registry
-from services.verifier.manifests import (
+from services.registry.guard import AddressGuard
+from services.registry.hosts import RegistryKind, parse_registry
+from services.registry.manifests import (
     Descriptor,
     ImageIndex,
     ImageManifest,
@@ -28,7 +27,7 @@ from services.verifier.manifests import (
     read_config,
     read_manifest,
 )
-from services.verifier.refusals import (
+from services.registry.refusals import (
     Redactor,
     failure_advice,
     ghcr_not_found,
@@ -36,6 +35,7 @@ from services.verifier.refusals import (
     read_advice,
     registry_error,
 )
+from services.verifier.credentials import check_secret
 
 _REFUSED = (401, 403)
 _IMAGE_LIMIT = 1100
@@ -105,7 +105,7 @@ async def _check(
         advice = failure_advice(registry, exc)
         error = registry_error(exc, exc.code, registry, advice)
         return ImageCheck(outcome="rejected", image=image, error=error)
-    except VerifierError as exc:
+    except RegistryAccessError as exc:
         return _rejected(image, registry.name, exc.code, exc.detail)
 
 

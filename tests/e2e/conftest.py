@@ -22,6 +22,8 @@ def suite(
         database_url,
         tmp_path_factory.mktemp("suite"),
         (registry_basic, registry_token),
+        # Apps here use images that do not boot; deploys have their own suite.
+        extra_env={"CRABGLAMP_DEPLOY_WORKERS": "0"},
     ) as suite:
         yield suite
 

@@ -173,3 +173,18 @@ async def test_a_malformed_command_is_answered_without_quoting_it(suite: Suite) 
     assert secret not in reply.data.decode()
     await asyncio.sleep(0.2)
     assert secret not in suite.log_text()
+
+
+def test_the_dashboard_offers_credentials_and_app_vms(suite: Suite) -> None:
+    page = httpx.get(f"{suite.url}/", timeout=10)
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+    for words in (
+        "Registry credentials",
+        "Add credential",
+        "Create App VM",
+        "Registry credential",
+        "Configuration",
+        "Redeploy",
+    ):
+        assert words in page.text

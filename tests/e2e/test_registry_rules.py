@@ -9,25 +9,20 @@ own, on its own NATS server and database.
 """
 
 import base64
-import contextlib
 import json
 import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy import create_engine, make_url, text
 
-from services.backbone.embedded import EmbeddedNats
 from tests.support.registry import LocalRegistry
-from tests.support.suite import Suite, running_suite
+from tests.support.suite import Suite, isolated_suite
 
 PROBLEM = "application/problem+json"
 ECR_HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
@@ -83,51 +78,6 @@ def private_key_body(key_text: str) -> str:
 
 JSON_KEY = service_account_key()
 ECR_TOKEN = ecr_token(datetime.now(UTC) + timedelta(hours=12))
-
-
-@contextlib.contextmanager
-def own_nats(use_containers: bool, directory: Path) -> Iterator[str]:
-    """A NATS server of its own, so no other suite answers this one's commands."""
-    if use_containers:
-        from testcontainers.community.nats import NatsContainer
-
-        with NatsContainer("nats:2.10", jetstream=True) as container:
-            yield container.nats_uri()
-        return
-    with EmbeddedNats(directory) as server:
-        yield server.url
-
-
-@contextlib.contextmanager
-def own_database(database_url: str) -> Iterator[str]:
-    """A database of its own on the shared server, dropped afterwards."""
-    name = f"crabglamp_rules_{uuid4().hex[:8]}"
-    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'create database "{name}"'))
-    try:
-        url = make_url(database_url).set(database=name)
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'drop database if exists "{name}" with (force)'))
-        admin.dispose()
-
-
-@contextlib.contextmanager
-def isolated_suite(
-    request: pytest.FixtureRequest, *registries: LocalRegistry
-) -> Iterator[Suite]:
-    """The whole suite on its own NATS and database, trusting ``registries``."""
-    containers: bool = request.getfixturevalue("use_containers")
-    database_url: str = request.getfixturevalue("database_url")
-    factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
-    with (
-        own_nats(containers, factory.mktemp("nats")) as nats_url,
-        own_database(database_url) as own_url,
-        running_suite(nats_url, own_url, factory.mktemp("suite"), registries) as suite,
-    ):
-        yield suite
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
+import pytest
+from sqlalchemy import create_engine, make_url, text
 
+from services.backbone.embedded import EmbeddedNats
 from services.backbone.settings import Settings
 from services.cli import create_account
 from services.gateway.migrate import upgrade
@@ -33,6 +37,7 @@ class Suite:
     url: str
     settings: Settings
     logs: dict[str, Path]
+    env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def new_account(self, name: str) -> str:
@@ -45,6 +50,21 @@ class Suite:
     def client(self, token: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def start(self, service: str) -> None:
+        """Start one service (again), appending to its log."""
+        self.processes[service] = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", service],
+            env=self.env,
+            stdout=self.logs[service].open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self, service: str) -> None:
+        """Kill one service abruptly, as a crash would."""
+        process = self.processes[service]
+        process.kill()
+        process.wait()
 
     def log_text(self) -> str:
         return "".join(path.read_text(errors="replace") for path in self.logs.values())
@@ -67,6 +87,7 @@ def running_suite(
     directory: Path,
     registries: tuple[LocalRegistry, ...],
     log_level: str = "DEBUG",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Suite]:
     """Start every service as its own process; stop them by PID on exit."""
     port = free_port()
@@ -79,22 +100,17 @@ def running_suite(
         "CRABGLAMP_INSECURE_REGISTRIES": ",".join(insecure_hosts(*registries)),
         "CRABGLAMP_ALLOW_REGISTRIES": "127.0.0.1",
         "CRABGLAMP_LOG_LEVEL": log_level,
+        **(extra_env or {}),
     }
     upgrade(database_url)
     settings = Settings(
         nats_url=nats_url, database_url=database_url, data_dir=directory / "data"
     )
-    suite = Suite(f"http://127.0.0.1:{port}", settings, {})
+    suite = Suite(f"http://127.0.0.1:{port}", settings, {}, env)
     try:
         for service in SERVICES:
-            log = directory / f"{service}.log"
-            suite.logs[service] = log
-            suite.processes[service] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "serve", service],
-                env=env,
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-            )
+            suite.logs[service] = directory / f"{service}.log"
+            suite.start(service)
         _wait_ready(suite)
         yield suite
     finally:
@@ -111,9 +127,18 @@ def running_suite(
 def _wait_ready(suite: Suite) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for name, process in suite.processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{suite.logs[name].read_text()}")
+        for name, process in list(suite.processes.items()):
+            if process.poll() is None:
+                continue
+            log = suite.logs[name].read_text()
+            if name == "gateway" and "address already in use" in log:
+                # Another server took the free port first: take another one.
+                port = free_port()
+                suite.env["CRABGLAMP_HTTP_PORT"] = str(port)
+                suite.url = f"http://127.0.0.1:{port}"
+                suite.start(name)
+                continue
+            raise RuntimeError(f"{name} exited:\n{log}")
         try:
             if httpx.get(f"{suite.url}/readyz", timeout=1).status_code == 200:
                 break
@@ -131,3 +156,56 @@ def _wait_ready(suite: Suite) -> None:
                 return
             time.sleep(0.2)
     raise RuntimeError("the services did not answer:\n" + suite.log_text())
+
+
+@contextlib.contextmanager
+def own_nats(use_containers: bool, directory: Path) -> Iterator[str]:
+    """A NATS server of its own, so no other suite answers this one's commands."""
+    if use_containers:
+        from testcontainers.community.nats import NatsContainer
+
+        with NatsContainer("nats:2.10", jetstream=True) as container:
+            yield container.nats_uri()
+        return
+    with EmbeddedNats(directory) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def own_database(database_url: str) -> Iterator[str]:
+    """A database of its own on the shared server, dropped afterwards."""
+    name = f"crabglamp_suite_{uuid4().hex[:8]}"
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'create database "{name}"'))
+    try:
+        url = make_url(database_url).set(database=name)
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'drop database if exists "{name}" with (force)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def isolated_suite(
+    request: pytest.FixtureRequest,
+    *registries: LocalRegistry,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Suite]:
+    """The whole suite on its own NATS and database, trusting ``registries``."""
+    containers: bool = request.getfixturevalue("use_containers")
+    database_url: str = request.getfixturevalue("database_url")
+    factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+    with (
+        own_nats(containers, factory.mktemp("nats")) as nats_url,
+        own_database(database_url) as own_url,
+        running_suite(
+            nats_url,
+            own_url,
+            factory.mktemp("suite"),
+            registries,
+            extra_env=extra_env,
+        ) as suite,
+    ):
+        yield suite

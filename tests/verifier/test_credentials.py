@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
+from services.registry.hosts import parse_registry
 from services.verifier.credentials import check_json_key, check_secret, ecr_token_expiry
 from services.verifier.errors import SecretFormatError
-from services.verifier.hosts import parse_registry
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 GAR = parse_registry("europe-docker.pkg.dev")

@@ -18,10 +18,10 @@ from pydantic import SecretStr
 from contracts.commands import VerifyCredential
 from contracts.replies import Verification
 from services.backbone.settings import Settings
-from services.verifier.client import TokenCache
-from services.verifier.guard import AddressGuard, IPAddress
+from services.registry.client import TokenCache
+from services.registry.guard import AddressGuard, IPAddress
+from services.registry.protocol import MANIFEST_MEDIA_TYPES
 from services.verifier.handlers import verify_credential
-from services.verifier.protocol import MANIFEST_MEDIA_TYPES
 
 SECRET = "s3cr3t-Token-value"
 API = {"Docker-Distribution-API-Version": "registry/2.0"}

@@ -8,11 +8,11 @@ import httpcore
 import httpx
 import pytest
 
-from services.verifier.errors import (
+from services.registry.errors import (
     InvalidAllowEntryError,
     RegistryAddressForbiddenError,
 )
-from services.verifier.guard import (
+from services.registry.guard import (
     AddressGuard,
     GuardedBackend,
     GuardedTransport,

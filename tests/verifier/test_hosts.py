@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.verifier.errors import InvalidRegistryError
-from services.verifier.hosts import RegistryHost, RegistryKind, parse_registry
+from services.registry.errors import InvalidRegistryError
+from services.registry.hosts import RegistryHost, RegistryKind, parse_registry
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
 TOP_LABEL = st.from_regex(r"[a-z]([a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True)

@@ -17,9 +17,9 @@ import pytest
 from contracts.commands import CheckImage
 from contracts.replies import ImageCheck
 from services.backbone.settings import Settings
-from services.verifier.guard import AddressGuard, IPAddress
+from services.registry.guard import AddressGuard, IPAddress
+from services.registry.protocol import MANIFEST_MEDIA_TYPES
 from services.verifier.images import check_image
-from services.verifier.protocol import MANIFEST_MEDIA_TYPES
 
 SECRET = "s3cr3t-Token-value"
 API = {"Docker-Distribution-API-Version": "registry/2.0"}

@@ -9,7 +9,7 @@ import pytest
 from contracts.commands import CheckImage
 from contracts.replies import ImageCheck, ImageConfig
 from services.backbone.settings import Settings
-from services.verifier.client import TokenCache
+from services.registry.client import TokenCache
 from services.verifier.images import check_image
 from tests.support.registry import (
     DOCKER_LIST,

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from services.verifier.errors import MalformedResponseError
-from services.verifier.manifests import (
+from services.registry.errors import MalformedResponseError
+from services.registry.manifests import (
     OCI_INDEX,
     ImageIndex,
     ImageManifest,

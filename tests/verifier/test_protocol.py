@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.verifier.errors import MalformedResponseError
-from services.verifier.protocol import (
+from services.registry.errors import MalformedResponseError
+from services.registry.protocol import (
     Challenge,
     parse_challenges,
     parse_error_body,

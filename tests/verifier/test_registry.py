@@ -11,7 +11,7 @@ from contracts.commands import VerifyCredential
 from contracts.replies import Verification
 from services.backbone.embedded import free_port
 from services.backbone.settings import Settings
-from services.verifier.client import TokenCache
+from services.registry.client import TokenCache
 from services.verifier.handlers import verify_credential
 from tests.support.registry import LocalRegistry, push_image
 

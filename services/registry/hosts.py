@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from services.verifier.errors import InvalidRegistryError
+from services.registry.errors import InvalidRegistryError
 
 DOCKER_HUB_NAME = "docker.io"
 DOCKER_HUB_API_HOST = "registry-1.docker.io"

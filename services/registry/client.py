@@ -1,9 +1,9 @@
-"""An HTTP client for one registry: ping, log in, read manifests.
+"""An HTTP client for one registry: ping, log in, read manifests and blobs.
 
 Every request passes the address guard, redirects are followed here (at most
 five, without the Authorization header once they leave the origin), a 429 is
 retried once when its Retry-After fits, and every httpx error is translated
-into the verifier's own errors.
+into our own registry errors.
 """
 
 import asyncio
@@ -13,7 +13,8 @@ import hmac
 import os
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -23,16 +24,16 @@ import httpx
 from pydantic import SecretStr
 
 from services.backbone.settings import Settings
-from services.verifier.errors import (
+from services.registry.errors import (
     InsecureTransportError,
     InvalidImageError,
     MalformedResponseError,
     RegistryResponseError,
     RegistryUnreachableError,
 )
-from services.verifier.guard import AddressGuard, GuardedTransport
-from services.verifier.hosts import RegistryHost, format_netloc, is_listed
-from services.verifier.protocol import (
+from services.registry.guard import AddressGuard, GuardedTransport
+from services.registry.hosts import RegistryHost, format_netloc, is_listed
+from services.registry.protocol import (
     DIGEST,
     MANIFEST_ACCEPT,
     REPOSITORY,
@@ -54,7 +55,8 @@ _TOKEN_BODY_LIMIT = 1024 * 1024
 _MANIFEST_LIMIT = 4 * 1024 * 1024
 BLOB_LIMIT = 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_USER_AGENT = "crabglamp-verifier/0.1"
+_USER_AGENT = "crabglamp/0.1"
+_RAW_BYTES = {"Accept-Encoding": "identity"}
 
 
 class Authorization:
@@ -156,8 +158,46 @@ class _Answer:
         return str(self.headers.get("content-type", ""))
 
 
+class BlobStream:
+    """A blob being downloaded: its announced size and its bytes as they come.
+
+    The bytes are the blob's own, never decoded: a storage backend that labels
+    a gzip layer with ``Content-Encoding: gzip`` must not have it unpacked here.
+    """
+
+    def __init__(self, response: httpx.Response, url: httpx.URL) -> None:
+        self._response = response
+        self._url = url
+
+    @property
+    def size(self) -> int | None:
+        """The Content-Length the server announced, if any."""
+        length = self._response.headers.get("content-length", "")
+        return int(length) if length.isascii() and length.isdigit() else None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body in pieces; a stall longer than the time budget is an error."""
+        where = _netloc(self._url)
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise RegistryUnreachableError(
+                f"{where} stopped sending in the middle of a blob."
+            ) from exc
+        except httpx.TransportError as exc:
+            raise RegistryUnreachableError(
+                f"{where} broke off in the middle of a blob ({type(exc).__name__})."
+            ) from exc
+
+
 class RegistryClient:
-    """Talk to one registry within one time budget (``registry_timeout_s``)."""
+    """Talk to one registry within a time budget (``registry_timeout_s``).
+
+    The budget covers the client's whole life, as a check needs; with
+    ``budget_per_request`` it covers each request up to its answer instead, and
+    each read of a streamed blob, as a pull of large layers needs.
+    """
 
     def __init__(
         self,
@@ -168,12 +208,15 @@ class RegistryClient:
         transport: httpx.AsyncBaseTransport | None = None,
         tokens: TokenCache | None = None,
         verify: ssl.SSLContext | bool = True,
+        budget_per_request: bool = False,
     ) -> None:
         self.registry = registry
         self._insecure = list(settings.insecure_registries)
         self._guard = guard or AddressGuard.from_settings(settings)
         self._budget_s = settings.registry_timeout_s
-        self._deadline = time.monotonic() + self._budget_s
+        self._deadline = (
+            None if budget_per_request else time.monotonic() + self._budget_s
+        )
         self._tokens = tokens if tokens is not None else TokenCache()
         self._http = httpx.AsyncClient(
             transport=transport or GuardedTransport(self._guard, verify=verify),
@@ -361,6 +404,47 @@ class RegistryClient:
             )
         return answer.body
 
+    @asynccontextmanager
+    async def open_blob(
+        self, repository: str, digest: str, auth: Authorization | None
+    ) -> AsyncIterator[BlobStream]:
+        """GET a blob of any size as a stream, following storage redirects.
+
+        Checking the bytes against ``digest`` is the reader's job, as they pass.
+        """
+        url = self._blob_url(repository, digest)
+        for attempt in range(2):
+            final, response = await self._open(url, auth)
+            if response.status_code == 200:
+                break
+            with self._translated(final):
+                async with asyncio.timeout(max(self._remaining(), 0.0)):
+                    try:
+                        body = await _read(response, _ERROR_BODY_LIMIT)
+                    finally:
+                        await response.aclose()
+            answer = _Answer(response.status_code, response.headers, body, final)
+            wait = parse_retry_after(
+                answer.headers.get("retry-after"), now=datetime.now(UTC)
+            )
+            if attempt or answer.status != 429 or not self._fits(wait):
+                raise self._failure(
+                    answer,
+                    f"{self.registry.name} answered {answer.status} for the blob "
+                    f"{digest} of {repository}.",
+                )
+            await asyncio.sleep(wait or 0.0)
+        try:
+            yield BlobStream(response, final)
+        finally:
+            await response.aclose()
+
+    def _fits(self, wait: float | None) -> bool:
+        """Whether a Retry-After wait is short enough to sit out."""
+        return wait is not None and wait <= min(
+            MAX_RETRY_WAIT_S, self._remaining() - 1.0
+        )
+
     def _url(self, path: str) -> httpx.URL:
         return httpx.URL(self.registry.base_url + path)
 
@@ -376,7 +460,7 @@ class RegistryClient:
             raise InvalidImageError(f"'{repository[:80]}' is not a repository name.")
         if not DIGEST.fullmatch(digest):
             raise MalformedResponseError(
-                f"'{digest[:80]}' is not a digest this verifier can check.",
+                f"'{digest[:80]}' is not a digest we can check.",
                 status=None,
             )
         return self._url(f"/v2/{repository}/blobs/{digest}")
@@ -448,7 +532,7 @@ class RegistryClient:
         wait = parse_retry_after(
             answer.headers.get("retry-after"), now=datetime.now(UTC)
         )
-        if wait is None or wait > min(MAX_RETRY_WAIT_S, self._remaining() - 1.0):
+        if wait is None or not self._fits(wait):
             return answer
         await asyncio.sleep(wait)
         return await self._follow(method, url, auth, limit, headers)
@@ -466,23 +550,9 @@ class RegistryClient:
             location = answer.headers.get("location")
             if answer.status not in _REDIRECTS or location is None:
                 return answer
-            try:
-                target = url.join(location)
-            except httpx.InvalidURL as exc:
-                raise MalformedResponseError(
-                    f"{_netloc(url)} redirected to something that is not a URL.",
-                    status=answer.status,
-                ) from exc
-            if target.scheme not in ("http", "https"):
-                raise MalformedResponseError(
-                    f"{_netloc(url)} redirected to a {target.scheme} URL.",
-                    status=answer.status,
-                )
-            if _origin(target) != _origin(url):
-                auth = None
+            url, auth = _redirect(url, location, answer.status, auth)
             if answer.status == 303 and method != "HEAD":
                 method = "GET"
-            url = target
         raise MalformedResponseError(
             f"{self.registry.name} redirected more than {MAX_REDIRECTS} times.",
             status=answer.status,
@@ -500,15 +570,44 @@ class RegistryClient:
         request = self._http.build_request(method, url, headers=headers)
         if auth is not None:
             request.headers["Authorization"] = auth.header()
-        remaining = self._remaining()
-        try:
-            async with asyncio.timeout(max(remaining, 0.0)):
+        with self._translated(url):
+            async with asyncio.timeout(max(self._remaining(), 0.0)):
                 await self._guard.check_url(url)
                 response = await self._http.send(request, stream=True)
                 try:
                     body = await _read(response, limit)
                 finally:
                     await response.aclose()
+        return _Answer(response.status_code, response.headers, body, url)
+
+    async def _open(
+        self, url: httpx.URL, auth: Authorization | None
+    ) -> tuple[httpx.URL, httpx.Response]:
+        """GET ``url`` following redirects; the final response's body is unread."""
+        for _ in range(MAX_REDIRECTS + 1):
+            self._require_transport(url)
+            request = self._http.build_request("GET", url, headers=_RAW_BYTES)
+            if auth is not None:
+                request.headers["Authorization"] = auth.header()
+            with self._translated(url):
+                async with asyncio.timeout(max(self._remaining(), 0.0)):
+                    await self._guard.check_url(url)
+                    response = await self._http.send(request, stream=True)
+            location = response.headers.get("location")
+            if response.status_code not in _REDIRECTS or location is None:
+                return url, response
+            await response.aclose()
+            url, auth = _redirect(url, location, response.status_code, auth)
+        raise MalformedResponseError(
+            f"{self.registry.name} redirected more than {MAX_REDIRECTS} times.",
+            status=response.status_code,
+        )
+
+    @contextmanager
+    def _translated(self, url: httpx.URL) -> Iterator[None]:
+        """Turn httpx's and asyncio's failures into ``RegistryUnreachableError``."""
+        try:
+            yield
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise RegistryUnreachableError(
                 f"{_netloc(url)} did not answer within {self._budget_s:g} s."
@@ -520,7 +619,6 @@ class RegistryClient:
                 f"{_netloc(url)} broke off the exchange or does not speak HTTP "
                 f"({type(exc).__name__})."
             ) from exc
-        return _Answer(response.status_code, response.headers, body, url)
 
     def _require_transport(self, url: httpx.URL) -> None:
         """Plain http only to hosts listed in ``insecure_registries``."""
@@ -534,6 +632,8 @@ class RegistryClient:
         )
 
     def _remaining(self) -> float:
+        if self._deadline is None:
+            return self._budget_s
         return self._deadline - time.monotonic()
 
 
@@ -587,6 +687,24 @@ def _connect_failure(url: httpx.URL, exc: httpx.ConnectError) -> Exception:
         cause = cause.__cause__ or cause.__context__
     reason = "connection refused" if cause is not None else "connection failed"
     return RegistryUnreachableError(f"Could not connect to {where} ({reason}).")
+
+
+def _redirect(
+    url: httpx.URL, location: str, status: int, auth: Authorization | None
+) -> tuple[httpx.URL, Authorization | None]:
+    """Where a redirect leads, and the Authorization that may go there."""
+    try:
+        target = url.join(location)
+    except httpx.InvalidURL as exc:
+        raise MalformedResponseError(
+            f"{_netloc(url)} redirected to something that is not a URL.",
+            status=status,
+        ) from exc
+    if target.scheme not in ("http", "https"):
+        raise MalformedResponseError(
+            f"{_netloc(url)} redirected to a {target.scheme} URL.", status=status
+        )
+    return target, auth if _origin(target) == _origin(url) else None
 
 
 def _netloc(url: httpx.URL) -> str:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from contracts.replies import ImageConfig
-from services.verifier.errors import MalformedResponseError
-from services.verifier.protocol import DIGEST, MANIFEST_MEDIA_TYPES, digest_of
+from services.registry.errors import MalformedResponseError
+from services.registry.protocol import DIGEST, MANIFEST_MEDIA_TYPES, digest_of
 
 OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST = MANIFEST_MEDIA_TYPES
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
@@ -28,6 +28,7 @@ TARGET = "linux/amd64"
 _BASELINE_VARIANTS = frozenset({"", "v1"})
 _LEVEL = re.compile(r"v([0-9]{1,2})", re.ASCII)
 _UNKNOWN_LEVEL = 100
+_MAX_LAYERS = 1000
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Descriptor:
     digest: str
     media_type: str | None = None
     platform: Platform | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class ImageManifest:
     """One platform's manifest: its config blob tells the platform and runtime."""
 
     config: Descriptor
+    layers: tuple[Descriptor, ...] = ()
 
 
 def read_manifest(media_type: str | None, body: bytes) -> ImageIndex | ImageManifest:
@@ -118,7 +121,10 @@ def read_manifest(media_type: str | None, body: bytes) -> ImageIndex | ImageMani
     if kind in INDEX_MEDIA_TYPES or (kind is None and "manifests" in data):
         return _index(data)
     if kind in IMAGE_MEDIA_TYPES or (kind is None and "config" in data):
-        return ImageManifest(config=_descriptor(data.get("config"), "config"))
+        return ImageManifest(
+            config=_descriptor(data.get("config"), "config"),
+            layers=_layers(data.get("layers")),
+        )
     raise MalformedResponseError(
         f"The registry sent a manifest of type {_shown(media_type)} that is neither "
         "an image index nor an image manifest.",
@@ -204,6 +210,23 @@ def _index(data: Mapping[str, Any]) -> ImageIndex:
     )
 
 
+def _layers(value: object) -> tuple[Descriptor, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise MalformedResponseError(
+            "The image manifest the registry sent has layers that are not a list.",
+            status=200,
+        )
+    if len(value) > _MAX_LAYERS:
+        raise MalformedResponseError(
+            f"The image manifest the registry sent lists {len(value)} layers; "
+            f"at most {_MAX_LAYERS} are accepted.",
+            status=200,
+        )
+    return tuple(_descriptor(entry, "layer") for entry in value)
+
+
 def _descriptor(value: object, what: str) -> Descriptor:
     if not isinstance(value, dict):
         raise MalformedResponseError(
@@ -215,12 +238,17 @@ def _descriptor(value: object, what: str) -> Descriptor:
             f"The manifest has a {what} without a valid sha256 or sha512 digest.",
             status=200,
         )
-    media_type = value.get("mediaType")
+    media_type, size = value.get("mediaType"), value.get("size")
     return Descriptor(
         digest=digest,
         media_type=media_type if isinstance(media_type, str) else None,
         platform=_platform(value.get("platform")),
+        size=size if _is_size(size) else None,
     )
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _platform(value: object) -> Platform | None:

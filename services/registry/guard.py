@@ -16,13 +16,13 @@ import httpcore
 import httpx
 
 from services.backbone.settings import Settings
-from services.verifier.errors import (
+from services.registry.errors import (
     InvalidAllowEntryError,
     InvalidRegistryError,
     RegistryAddressForbiddenError,
     RegistryUnreachableError,
 )
-from services.verifier.hosts import format_netloc, split_host_port
+from services.registry.hosts import format_netloc, split_host_port
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

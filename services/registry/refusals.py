@@ -1,7 +1,8 @@
 """How a registry's refusal becomes a ``RegistryError`` a user can act on.
 
-Shared by the credential check and the image check. Every reply passes through
-``Redactor`` on its way out, since a registry may echo what it was sent.
+Shared by the credential check, the image check and the deployer's pull. Every
+reply passes through ``Redactor`` on its way out, since a registry may echo what
+it was sent.
 """
 
 import base64
@@ -10,9 +11,9 @@ import math
 from pydantic import SecretStr
 
 from contracts.errors import ErrorCode, RegistryError
-from services.verifier.errors import RegistryResponseError
-from services.verifier.hosts import RegistryHost, RegistryKind
-from services.verifier.protocol import clean_text
+from services.registry.errors import RegistryResponseError
+from services.registry.hosts import RegistryHost, RegistryKind
+from services.registry.protocol import clean_text
 
 REDACTED = "[redacted]"
 _MIN_REDACTED = 4

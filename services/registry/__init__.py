@@ -1,0 +1,1 @@
+"""Talking to container registries, for the verifier and the deployer alike."""
