@@ -30,6 +30,9 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.append
 	$(BIN)/python -m bench.credential_add
+	$(BIN)/python -m bench.app_create
+	$(BIN)/python -m bench.pull
+	$(BIN)/python -m bench.boot
 
 clean:
 	rm -rf $(VENV) .data

@@ -73,26 +73,12 @@ def build_app(settings: Settings) -> FastStream:
             # A command-only replica, e.g. on a node that cannot run VMs.
             log.info("deployer ready without deploy worker", nats=settings.nats_url)
             return
-        # The VM machinery loads only where VMs run.
-        from services.deployer.pull import BlobCache, ImagePuller
-        from services.deployer.vm import PlatformAssets, QemuDriver
-        from services.deployer.worker import DeployWorker
-
-        data_dir = settings.data_dir.resolve() / "deployer"
-        assets = await PlatformAssets.ensure(data_dir)
-        worker = DeployWorker(
-            nc,
-            events,
-            handlers,
-            ports,
-            ImagePuller(settings, BlobCache(data_dir / "blobs")),
-            QemuDriver(assets, accel=settings.vm_accel),
-            data_dir,
-            memory_mb=settings.vm_memory_mb,
-            cpus=settings.vm_cpus,
+        tasks.append(
+            asyncio.create_task(
+                _run_worker(settings, nc, events, handlers, ports, workers),
+                name="deploy-worker",
+            )
         )
-        workers.append(worker)
-        tasks.append(asyncio.create_task(_supervised(worker), name="deploy-worker"))
         log.info("deployer ready", nats=settings.nats_url)
 
     @app.on_shutdown
@@ -100,8 +86,10 @@ def build_app(settings: Settings) -> FastStream:
         # VMs stop with the suite; the log still says which Apps to restore.
         for task in tasks:
             task.cancel()
+        await asyncio.wait(tasks, timeout=10)
         for worker in workers:
             await worker.stop_all()
+        log.info("deployer stopped")
 
     def invalid(detail: str) -> AppReply:
         return AppReply(
@@ -131,10 +119,42 @@ def build_app(settings: Settings) -> FastStream:
     return app
 
 
-async def _supervised(worker: "DeployWorker") -> None:
-    """Keep the worker following; a failure is logged once and retried."""
+async def _run_worker(
+    settings: Settings,
+    nc: NATS,
+    events: EventLog,
+    handlers: DeployerHandlers,
+    ports: Peers,
+    workers: list["DeployWorker"],
+) -> None:
+    """Prepare the VM platform, then keep the deploy worker following.
+
+    Runs beside the command subscribers, which answer meanwhile: fetching the
+    kernel on a first start takes seconds. A failure is logged and retried.
+    """
+    # The VM machinery loads only where VMs run.
+    from services.deployer.pull import BlobCache, ImagePuller
+    from services.deployer.vm import PlatformAssets, QemuDriver
+    from services.deployer.worker import DeployWorker
+
+    data_dir = settings.data_dir.resolve() / "deployer"
+    worker: DeployWorker | None = None
     while True:
         try:
+            if worker is None:
+                assets = await PlatformAssets.ensure(data_dir)
+                worker = DeployWorker(
+                    nc,
+                    events,
+                    handlers,
+                    ports,
+                    ImagePuller(settings, BlobCache(data_dir / "blobs")),
+                    QemuDriver(assets, accel=settings.vm_accel),
+                    data_dir,
+                    memory_mb=settings.vm_memory_mb,
+                    cpus=settings.vm_cpus,
+                )
+                workers.append(worker)
             await worker.run()
         except asyncio.CancelledError:
             raise

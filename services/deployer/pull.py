@@ -353,6 +353,7 @@ class _Pull:
         self.progress = progress
         self.done = 0
         self.total = 0
+        self._logged_in = False
 
     async def run(self) -> PulledImage:
         reference = self.reference
@@ -517,13 +518,22 @@ class _Pull:
         raise AssertionError("every attempt returns or raises")
 
     async def _authorize(self) -> Authorization | None:
-        """A pull login for this repository, from the token cache while it lasts."""
+        """A pull login for this repository, asked of the registry now.
+
+        Each pull logs in afresh once, then reuses that token for its blobs: a
+        token cached from an earlier deploy would hide that the registry has
+        since revoked the secret.
+        """
         scope = f"repository:{self.reference.repository}:pull"
         username, secret = self.login.username, self.login.secret
         try:
             if username is None or secret is None:
                 return await self.client.authenticate_anonymously(scope)
-            return await self.client.authenticate(username, secret, scope)
+            auth = await self.client.authenticate(
+                username, secret, scope, fresh=not self._logged_in
+            )
+            self._logged_in = True
+            return auth
         except RegistryResponseError as exc:
             if exc.status not in _REFUSED:
                 raise

@@ -43,6 +43,7 @@ from services.deployer.vm_errors import (
     BootFailedError,
     BootTimedOutError,
     GuestPanickedError,
+    HostPortInUseError,
     InvalidVmHandleError,
     RootfsImageError,
     VmAssetsError,
@@ -55,6 +56,7 @@ __all__ = [
     "BootFailedError",
     "BootTimedOutError",
     "GuestPanickedError",
+    "HostPortInUseError",
     "InvalidVmHandleError",
     "PlatformAssets",
     "QemuDriver",
@@ -76,11 +78,14 @@ log = structlog.get_logger(__name__)
 QEMU = "qemu-system-x86_64"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Quiet and quick under emulation: no crypto self-tests, no probing of the
-# keyboard controller's extras, one serial port.
+# keyboard controller's extras, one serial port. A guest runs one App, so the
+# kernel's defences between its own processes buy nothing but boot time; the
+# VM boundary is what separates Apps.
 KERNEL_ARGS = (
     "console=ttyS0",
     "panic=-1",
     "quiet",
+    "mitigations=off",
     "cryptomgr.notests",
     "i8042.noaux",
     "i8042.nomux",
@@ -95,6 +100,7 @@ _BLOCK = 4096
 _UNIX_PATH_MAX = 107
 _CONSOLE_TAIL_LINES = 40
 _PROBE_TIMEOUT_S = 10.0
+_QMP_TIMEOUT_S = 10.0
 _MARKER = "crabglamp:"
 
 
@@ -197,8 +203,8 @@ def build_config_archive(config: ImageConfig, port: int, dest: Path) -> Path:
     lines = [
         f"PORT={port}",
         f"WORKDIR={shlex.quote(app_workdir(config))}",
-        f"ARGV={shlex.quote(shlex.join(app_argv(config)))}",
-        f"ENV={shlex.quote(shlex.join(app_env(config)))}",
+        f"APP_ARGV={shlex.quote(shlex.join(app_argv(config)))}",
+        f"APP_ENV={shlex.quote(shlex.join(app_env(config)))}",
     ]
     archive = newc_archive(
         [
@@ -361,9 +367,15 @@ class QemuDriver:
         return cached
 
     async def start(self, spec: VmSpec) -> VmHandle:
-        """Launch QEMU for ``spec``; returns once QEMU answers on QMP."""
+        """Launch QEMU for ``spec``; returns once QEMU answers on QMP.
+
+        The handle is also written to ``vm.json`` in the work dir.
+        """
         accel = await self.accel()
-        qmp_socket, initramfs = await asyncio.to_thread(self._prepare, spec)
+        try:
+            qmp_socket, initramfs = await asyncio.to_thread(self._prepare, spec)
+        except OSError as error:
+            raise BootFailedError(f"cannot prepare {spec.work_dir}: {error}") from error
         console_log = spec.work_dir / "console.log"
         command = self._command(spec, accel, qmp_socket, console_log, initramfs)
         log.debug("vm command", deploy_id=spec.deploy_id, command=shlex.join(command))
@@ -399,8 +411,12 @@ class QemuDriver:
             (spec.work_dir / "vm.json").write_text, handle.to_json()
         )
 
-        # QEMU opens its QMP socket after parsing its options and devices
-        await self._wait_for_qmp(handle)
+        # QEMU opens its QMP socket once its options are parsed
+        try:
+            await self._wait_for_qmp(handle)
+        except BootFailedError:
+            await self.stop(handle)
+            raise
         log.info(
             "vm started",
             deploy_id=spec.deploy_id,
@@ -496,9 +512,15 @@ class QemuDriver:
         return True
 
     async def _wait_for_qmp(self, handle: VmHandle) -> None:
+        deadline = asyncio.get_running_loop().time() + _QMP_TIMEOUT_S
         while not await asyncio.to_thread(handle.qmp_socket.exists):
             if not self.running(handle):
                 raise await self._exit_error(handle)
+            if asyncio.get_running_loop().time() >= deadline:
+                raise BootFailedError(
+                    f"QEMU opened no QMP socket within {_QMP_TIMEOUT_S:.0f} s",
+                    _tail(handle.work_dir / "qemu.log"),
+                )
             await asyncio.sleep(0.02)
 
     async def _exit_error(self, handle: VmHandle) -> BootFailedError:
@@ -524,6 +546,10 @@ class QemuDriver:
             )
         if failed:
             return BootFailedError(f"the App VM failed to boot: {failed[-1]}", tail)
+        if "host forwarding" in qemu_log:
+            return HostPortInUseError(
+                f"QEMU cannot listen on 127.0.0.1:{handle.host_port}: {qemu_log}", tail
+            )
         status = "an unknown status" if code is None else f"code {code}"
         return BootFailedError(
             f"QEMU exited with {status}: {qemu_log or 'no message'}", tail
@@ -564,6 +590,8 @@ class QemuDriver:
         console_log: Path,
         initramfs: Path,
     ) -> list[str]:
+        # TODO: the console log grows with everything the App prints; it needs
+        # rotation, or a pipe into the log store, before Apps run for weeks.
         forward = f"tcp:127.0.0.1:{spec.host_port}-:{spec.guest_port}"
         disk = f"file={spec.rootfs_image},if=none,id=root,format=raw,snapshot=on"
         return [

@@ -126,7 +126,10 @@ class PlatformAssets:
 
     @classmethod
     def _load_or_build(cls, root: Path) -> PlatformAssets:
-        return cls._load(root) or cls._build(root)
+        try:
+            return cls._load(root) or cls._build(root)
+        except OSError as error:
+            raise VmAssetsError(f"cannot build the VM platform: {error}") from error
 
     @classmethod
     def _load(cls, root: Path) -> PlatformAssets | None:
@@ -187,6 +190,8 @@ def _open_lock(root: Path) -> int:
 
 def _ensure_kernel(root: Path) -> Path:
     """The unpacked kernel's directory: vmlinuz, maybe vmlinux, modules."""
+    # TODO: a kernel once unpacked is kept for good; picking up Debian's
+    # security updates needs a refresh that compares the package version.
     present = sorted((root / "kernel").glob("*/vmlinuz"))
     if present:
         return present[-1].parent

@@ -33,6 +33,10 @@ class BootTimedOutError(BootFailedError):
     """The App VM kept running but its port did not answer in time."""
 
 
+class HostPortInUseError(BootFailedError):
+    """QEMU could not listen on the host port chosen for the forward."""
+
+
 class AppExitedError(BootFailedError):
     """The image's command ended before its port answered."""
 

@@ -8,8 +8,8 @@
 # and powers off. It never halts: a halted guest keeps QEMU running.
 #
 # The per-deploy settings come from /crabglamp/config.sh, appended to the
-# initramfs at boot: PORT, WORKDIR, ARGV and ENV, the last two as words
-# quoted for sh.
+# initramfs at boot: PORT, WORKDIR, APP_ARGV and APP_ENV, the last two as
+# words quoted for sh.
 
 export PATH=/bin
 
@@ -96,8 +96,8 @@ on_power_button() {
 
 run_app() {
     # nsenter changes root and directory without needing a shell in the image
-    eval "exec env -i $ENV /bin/nsenter -r/newroot \"-w/newroot\$WORKDIR\"" \
-        "-- $ARGV"
+    eval "exec env -i $APP_ENV /bin/nsenter -r/newroot \"-w/newroot\$WORKDIR\"" \
+        "-- $APP_ARGV"
 }
 
 mount -t devtmpfs devtmpfs /dev
@@ -144,7 +144,7 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 
 watch_power_button
 trap on_power_button USR1
-say "starting $ARGV"
+say "starting $APP_ARGV"
 run_app &
 APP=$!
 watch_listening &

@@ -61,6 +61,10 @@ log = structlog.get_logger(__name__)
 CONSUMER = "deployer"
 APP_EVENTS = f"{EVENTS_PREFIX}.app.>"
 BOOT_TIMEOUT_S = 180.0
+# A deploy in progress says so every HEARTBEAT_S; one silent for ACK_WAIT_S
+# (its deployer died) is delivered again.
+ACK_WAIT_S = 30
+HEARTBEAT_S = 10
 T = TypeVar("T")
 UPDATE_ADVICE = "Update the credential under Registry credentials, then redeploy."
 
@@ -117,26 +121,32 @@ class DeployWorker:
             self._restored = True
         sub = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=EVENT_STREAM)
         log.info("deploy worker following", consumer=CONSUMER)
-        while True:
-            try:
-                (message,) = await sub.fetch(1, timeout=1.0)
-            except NatsTimeoutError:
-                continue
-            await self._handle(message)
+        try:
+            while True:
+                try:
+                    (message,) = await sub.fetch(1, timeout=1.0)
+                except NatsTimeoutError:
+                    continue
+                await self._handle(message)
+        finally:
+            # A subscription left open keeps the connection's drain waiting.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def _ensure_consumer(self) -> None:
         try:
             await self._js.consumer_info(EVENT_STREAM, CONSUMER)
         except NotFoundError:
-            # New deployments start from now: older deploys are history.
+            # From the start: a deploy requested before any deployer ran is
+            # not lost; finished deploys and deleted Apps are skipped cheaply.
             await self._js.add_consumer(
                 EVENT_STREAM,
                 api.ConsumerConfig(
                     durable_name=CONSUMER,
                     filter_subject=APP_EVENTS,
                     ack_policy=api.AckPolicy.EXPLICIT,
-                    deliver_policy=api.DeliverPolicy.NEW,
-                    ack_wait=120,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_wait=ACK_WAIT_S,
                     max_ack_pending=8,
                 ),
             )
@@ -153,7 +163,9 @@ class DeployWorker:
         try:
             match event:
                 case DeployRequested():
-                    await self.when_deploy_requested(envelope, event, message)
+                    await _alive(
+                        message, self.when_deploy_requested(envelope, event, message)
+                    )
                 case AppDeleted():
                     await self.when_app_deleted(envelope, event)
         except Exception:
@@ -180,7 +192,7 @@ class DeployWorker:
         )
         bound.info("deploy started", attempt=attempt, image=app.image)
         try:
-            pulled = await self._pull(envelope, app, event, stages, message)
+            pulled = await self._pull(envelope, app, event, stages)
             rootfs = await self._unpack(pulled, stages)
             await self._record(
                 system,
@@ -255,7 +267,6 @@ class DeployWorker:
         app: App,
         event: DeployRequested,
         stages: dict[str, int],
-        message: Msg,
     ) -> PulledImage:
         # The credential's secret as it is now: an update applies here.
         username = secret = None
@@ -280,9 +291,7 @@ class DeployWorker:
             username, secret = resolved.username, resolved.secret
         started = time.monotonic()
         try:
-            pulled = await _alive(
-                message, self._puller.pull(app.image, username, secret)
-            )
+            pulled = await self._puller.pull(app.image, username, secret)
         except PullError as exc:
             registry = exc.registry_error
             explanation = exc.detail
@@ -511,7 +520,7 @@ async def _alive(message: Msg, step: Awaitable[T]) -> T:
     """Run a long step, telling JetStream meanwhile that the deploy is alive."""
     task = asyncio.ensure_future(step)
     while True:
-        done, _ = await asyncio.wait({task}, timeout=15)
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
         if done:
             return task.result()
         with contextlib.suppress(Exception):

@@ -70,7 +70,7 @@ def api(deploy_suite: Suite) -> Iterator[httpx.Client]:
         yield client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def site_user(registry_token: LocalRegistry) -> Iterator[tuple[str, str]]:
     user = f"deployer-{uuid4().hex[:8]}"
     password = f"pw-{uuid4().hex}"
@@ -230,3 +230,46 @@ def test_a_deployer_killed_mid_deploy_finishes_after_restart(
     assert deploy["status"] == "succeeded", deploy
     url = api.get(f"/v1/apps/{created.json()['id']}").json()["url"]
     assert httpx.get(url + "/index.html", timeout=10).text == page
+
+
+def test_stopping_the_deployer_stops_vms_and_starting_it_restores_them(
+    deploy_suite: Suite,
+    api: httpx.Client,
+    registry_token: LocalRegistry,
+    site_user: tuple[str, str],
+) -> None:
+    page = f"restored {uuid4().hex}"
+    push_site(registry_token, "team/restore", "1.0", page)
+    user, password = site_user
+    created = api.post(
+        "/v1/apps",
+        json={
+            "name": "restore",
+            "image": f"{registry_token.host}/team/restore:1.0",
+            "credential": {"username": user, "secret": password},
+        },
+    )
+    assert created.status_code == 201, created.text
+    app_id = created.json()["id"]
+    assert wait_for_deploy(api, created.json()["current_deploy"]["id"])["status"] == (
+        "succeeded"
+    )
+    url = api.get(f"/v1/apps/{app_id}").json()["url"]
+
+    # A clean stop takes the VMs down with the deployer.
+    deploy_suite.stop("deployer")
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/index.html", timeout=3)
+
+    # On start, the Apps the log says were running come back by themselves.
+    deploy_suite.start("deployer")
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        app = api.get(f"/v1/apps/{app_id}").json()
+        current = app["current_deploy"]
+        if current["reason"] == "restore" and current["status"] == "succeeded":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the App was not restored: {app}")
+    assert httpx.get(app["url"] + "/index.html", timeout=10).text == page

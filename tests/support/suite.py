@@ -60,6 +60,12 @@ class Suite:
             stderr=subprocess.STDOUT,
         )
 
+    def stop(self, service: str) -> None:
+        """Stop one service the way an operator would (SIGTERM)."""
+        process = self.processes[service]
+        process.terminate()
+        process.wait(timeout=30)
+
     def kill(self, service: str) -> None:
         """Kill one service abruptly, as a crash would."""
         process = self.processes[service]
@@ -148,11 +154,15 @@ def _wait_ready(suite: Suite) -> None:
     else:
         raise RuntimeError("the gateway did not become ready:\n" + suite.log_text())
 
-    # A bad host passes gateway, credentials and verifier: all three answer.
+    # Bad input passes through every service: each of them answers.
     with suite.client(suite.new_account("readiness-probe")) as client:
         while time.monotonic() < deadline:
             probe = {"registry": "bad host", "username": "u", "secret": "s"}
-            if client.post("/v1/credentials", json=probe).status_code == 422:
+            app = {"name": "probe", "image": "Not/A/Reference"}
+            if (
+                client.post("/v1/credentials", json=probe).status_code == 422
+                and client.post("/v1/apps", json=app).status_code == 422
+            ):
                 return
             time.sleep(0.2)
     raise RuntimeError("the services did not answer:\n" + suite.log_text())
