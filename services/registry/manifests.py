@@ -157,6 +157,21 @@ def pin_digest(body: bytes, header: str | None, requested: str | None) -> str:
     return header or digest_of(body)
 
 
+def platform_manifest(
+    media_type: str | None, body: bytes, header: str | None, entry: Descriptor
+) -> ImageManifest:
+    """The image manifest an index entry points at, checked against its digest."""
+    pin_digest(body, header, entry.digest)
+    manifest = read_manifest(media_type, body)
+    if not isinstance(manifest, ImageManifest):
+        raise MalformedResponseError(
+            f"The linux/amd64 entry {entry.digest} of the index is not an "
+            "image manifest.",
+            status=200,
+        )
+    return manifest
+
+
 def read_config(body: bytes) -> tuple[Platform | None, ImageConfig]:
     """The platform an image config names, and what the VM's init needs from it."""
     data = _json_object(body, "image config")

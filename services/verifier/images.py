@@ -24,6 +24,7 @@ from services.registry.manifests import (
     ImageManifest,
     cpu_warning,
     pin_digest,
+    platform_manifest,
     read_config,
     read_manifest,
 )
@@ -182,15 +183,7 @@ class _Inspection:
     async def _platform_manifest(self, entry: Descriptor) -> ImageManifest:
         """The image manifest an index entry points at, checked against its digest."""
         child = await self._manifest(entry.digest, listed=True)
-        pin_digest(child.body, child.digest, entry.digest)
-        manifest = read_manifest(child.media_type, child.body)
-        if not isinstance(manifest, ImageManifest):
-            raise MalformedResponseError(
-                f"The linux/amd64 entry {entry.digest} of the index is not an "
-                "image manifest.",
-                status=200,
-            )
-        return manifest
+        return platform_manifest(child.media_type, child.body, child.digest, entry)
 
     async def _login(self) -> None:
         """A pull token for this repository only (or Basic, or nothing)."""
