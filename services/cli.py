@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from services.backbone.settings import Settings
 app = typer.Typer(help="CrabGlamp: private images on App VMs.", no_args_is_help=True)
 accounts_app = typer.Typer(help="Accounts and their API tokens.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
+deploys_app = typer.Typer(help="Deploys, for ops.", no_args_is_help=True)
+app.add_typer(deploys_app, name="deploys")
 keys_app = typer.Typer(
     help="The master key that wraps data keys.", no_args_is_help=True
 )
@@ -190,6 +193,21 @@ def keys_rotate() -> None:
     )
     # TODO: retire old master key versions once no wrapped data key uses them;
     # they stay in the key file so a service still holding the old ring works.
+
+
+@deploys_app.command("console")
+def deploys_console(deploy_id: str) -> None:
+    """Print what a deploy's VM wrote to its console (kept on the deployer)."""
+    if not re.fullmatch(r"dep_[0-9a-f]{32}", deploy_id):
+        _fail(f"'{deploy_id[:80]}' is not a deploy id (dep_ and 32 hex digits).")
+    vms = load_settings().data_dir.resolve() / "deployer" / "vms"
+    logs = sorted(vms.glob(f"{deploy_id}-*/console.log"))
+    if not logs:
+        _fail(f"No console is kept for {deploy_id} under {vms}.")
+    for path in logs:
+        attempt = path.parent.name.rsplit("-", 1)[-1]
+        console.print(f"[bold]{deploy_id}, attempt {attempt}[/bold] ({path})")
+        print(path.read_text(errors="replace"), end="")
 
 
 @app.command()

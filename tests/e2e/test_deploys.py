@@ -1,6 +1,7 @@
 """Deploys: private images pulled and booted as amd64 VMs, end to end."""
 
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,7 +170,10 @@ def test_an_app_boots_answers_and_survives_a_revoked_token(
 
 
 def test_a_broken_image_fails_at_boot_with_the_console(
-    api: httpx.Client, registry_token: LocalRegistry, site_user: tuple[str, str]
+    deploy_suite: Suite,
+    api: httpx.Client,
+    registry_token: LocalRegistry,
+    site_user: tuple[str, str],
 ) -> None:
     push_image(
         registry_token,
@@ -196,6 +200,18 @@ def test_a_broken_image_fails_at_boot_with_the_console(
     assert deploy["error"]["stage"] == "boot"  # type: ignore[index]
     app = api.get(f"/v1/apps/{created.json()['id']}").json()
     assert app["status"] == "failed"
+
+    # Ops read what the VM printed, kept per deploy.
+    shown = subprocess.run(
+        [sys.executable, "-m", "services.cli", "deploys", "console", deploy["id"]],
+        env=deploy_suite.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "/bin/missing-server" in shown.stdout
 
 
 def test_a_deployer_killed_mid_deploy_finishes_after_restart(
