@@ -153,18 +153,7 @@ class DeployerHandlers:
         # Attach on the credential's stream first: a racing delete loses there.
         try:
             if credential_id is not None:
-                attached = await self._peers.attach(
-                    AttachCredential(
-                        account_id=cmd.account_id,
-                        actor=cmd.actor,
-                        correlation_id=cmd.correlation_id,
-                        credential_id=credential_id,
-                        app_id=cmd.app_id,
-                        app_name=cmd.name,
-                    )
-                )
-                if not attached.ok:
-                    raise _from_failure(attached.failure)
+                await self._attach(cmd, credential_id, cmd.app_id, cmd.name)
             deploy_id = new_id("dep")
             events = app.create(
                 account_id=cmd.account_id,
@@ -186,6 +175,34 @@ class DeployerHandlers:
             raise
         created = await self.load(app.id)
         return _reply(created, position, _deploy(deploy_id, created, "create"))
+
+    async def _attach(
+        self, cmd: Command, credential_id: str, app_id: str, app_name: str
+    ) -> None:
+        """Attach on the credential's stream, which refuses a deleted one."""
+        attached = await self._peers.attach(
+            AttachCredential(
+                account_id=cmd.account_id,
+                actor=cmd.actor,
+                correlation_id=cmd.correlation_id,
+                credential_id=credential_id,
+                app_id=app_id,
+                app_name=app_name,
+            )
+        )
+        if not attached.ok:
+            raise _from_failure(attached.failure)
+
+    async def _detach(self, cmd: Command, credential_id: str, app_id: str) -> None:
+        await self._peers.detach(
+            DetachCredential(
+                account_id=cmd.account_id,
+                actor=cmd.actor,
+                correlation_id=cmd.correlation_id,
+                credential_id=credential_id,
+                app_id=app_id,
+            )
+        )
 
     async def _claim(self, cmd: CreateApp, key: str) -> None:
         holder = await self._load_name(key)
@@ -210,15 +227,7 @@ class DeployerHandlers:
         self, cmd: CreateApp, key: str, credential_id: str | None
     ) -> None:
         if credential_id is not None:
-            await self._peers.detach(
-                DetachCredential(
-                    account_id=cmd.account_id,
-                    actor=cmd.actor,
-                    correlation_id=cmd.correlation_id,
-                    credential_id=credential_id,
-                    app_id=cmd.app_id,
-                )
-            )
+            await self._detach(cmd, credential_id, cmd.app_id)
         await self._release(cmd, key, cmd.name, cmd.app_id)
 
     async def _inline_credential(
@@ -313,18 +322,7 @@ class DeployerHandlers:
             previous = app.credential_id
             check = await self._check(cmd, _parse(app.image), cmd.credential_id)
             assert check.digest is not None
-            attached = await self._peers.attach(
-                AttachCredential(
-                    account_id=cmd.account_id,
-                    actor=cmd.actor,
-                    correlation_id=cmd.correlation_id,
-                    credential_id=cmd.credential_id,
-                    app_id=app.id,
-                    app_name=app.name,
-                )
-            )
-            if not attached.ok:
-                raise _from_failure(attached.failure)
+            await self._attach(cmd, cmd.credential_id, app.id, app.name)
             deploy_id = new_id("dep")
             events = app.change_credential(
                 cmd.account_id, cmd.credential_id, check.digest, deploy_id
@@ -335,15 +333,7 @@ class DeployerHandlers:
 
             # The old credential is free once the App no longer names it.
             if previous is not None and previous != cmd.credential_id:
-                await self._peers.detach(
-                    DetachCredential(
-                        account_id=cmd.account_id,
-                        actor=cmd.actor,
-                        correlation_id=cmd.correlation_id,
-                        credential_id=previous,
-                        app_id=app.id,
-                    )
-                )
+                await self._detach(cmd, previous, app.id)
             changed = await self.load(app.id)
             return _reply(
                 changed, position, _deploy(deploy_id, changed, "credential_changed")
@@ -379,15 +369,7 @@ class DeployerHandlers:
 
             # Release what the App held: its credential and its name.
             if app.credential_id is not None:
-                await self._peers.detach(
-                    DetachCredential(
-                        account_id=cmd.account_id,
-                        actor=cmd.actor,
-                        correlation_id=cmd.correlation_id,
-                        credential_id=app.credential_id,
-                        app_id=app.id,
-                    )
-                )
+                await self._detach(cmd, app.credential_id, app.id)
             await self._release(
                 cmd, name_key(app.account_id, app.name), app.name, app.id
             )
