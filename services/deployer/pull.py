@@ -7,7 +7,6 @@ layers, fetches only the blobs it does not have yet.
 
 import asyncio
 import hashlib
-import importlib.util
 import os
 import tempfile
 import time
@@ -63,10 +62,6 @@ LAYER_COMPRESSION = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip": GZIP,
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": GZIP,
 }
-# TODO: zstd layers are refused unless the optional zstandard package is
-# installed; it is not a dependency yet, so images pushed with zstd compression
-# cannot be deployed on a default install.
-ZSTD_SUPPORTED = importlib.util.find_spec("zstandard") is not None
 
 UPDATE_CREDENTIAL = "update the credential under Registry credentials, then redeploy"
 _REFUSED = (401, 403)
@@ -419,13 +414,6 @@ class _Pull:
                 f"{self.reference.familiar} has a layer of type {media_type[:100]!r}, "
                 "which is not a container file system layer: App VMs run OCI or "
                 "Docker container images.",
-            )
-        if compression == ZSTD and not ZSTD_SUPPORTED:
-            raise self._error(
-                "platform_not_supported",
-                f"{self.reference.familiar} has zstd-compressed layers, which this "
-                "deployer cannot unpack yet: push the image with gzip compression "
-                "(the default of docker build), then redeploy.",
             )
         path = self.cache.path(descriptor.digest)
         return Layer(descriptor.digest, media_type, size, path)

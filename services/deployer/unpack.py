@@ -27,7 +27,6 @@ root holds a partial tree, which the caller discards.
 """
 
 import gzip
-import importlib
 import os
 import shutil
 import stat
@@ -36,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, NoReturn
+
+import zstandard
 
 from services.deployer.pull import GZIP, UNCOMPRESSED, ZSTD, Layer
 
@@ -311,14 +312,6 @@ class _LayerApplier:
         if compression == GZIP:
             return gzip.GzipFile(fileobj=raw, mode="rb")
         if compression == ZSTD:
-            try:
-                zstandard = importlib.import_module("zstandard")
-            except ImportError as exc:
-                raise UnpackError(
-                    self.digest,
-                    "The layer is zstd-compressed and the zstandard package is "
-                    "not installed.",
-                ) from exc
             return zstandard.ZstdDecompressor().stream_reader(raw)
         assert compression == UNCOMPRESSED
         return raw

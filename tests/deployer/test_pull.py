@@ -27,7 +27,6 @@ from pydantic import SecretStr
 
 from services.backbone.settings import Settings
 from services.deployer.pull import (
-    ZSTD_SUPPORTED,
     BlobCache,
     CorruptBlobError,
     ImagePuller,
@@ -608,22 +607,6 @@ async def test_a_layer_that_is_not_a_file_system_is_refused(tmp_path: Path) -> N
 
     assert caught.value.code == "platform_not_supported"
     assert helm in caught.value.detail
-
-
-@pytest.mark.skipif(ZSTD_SUPPORTED, reason="zstandard is installed")
-async def test_zstd_layers_are_refused_without_zstandard(tmp_path: Path) -> None:
-    zstd = "application/vnd.oci.image.layer.v1.tar+zstd"
-    fake = FakeRegistry([b"\x28\xb5\x2f\xfd" + b"\0" * 16], layer_type=zstd)
-
-    with pytest.raises(PullError) as caught:
-        await pull_fake(fake_puller(fake, tmp_path / "cache"))
-
-    assert caught.value.code == "platform_not_supported"
-    assert "zstd" in caught.value.detail
-    assert not any(
-        r.url.path.endswith("/blobs/" + sha256_digest(fake.layers[0]))
-        for r in fake.requests
-    )
 
 
 # The cache on its own.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from services.deployer.pull import Layer
 from services.deployer.unpack import (
@@ -205,6 +206,15 @@ def test_an_uncompressed_layer_unpacks(box: Box) -> None:
     unpack_layers([layer], box.root)
 
     assert (box.root / "hello").read_bytes() == b"world"
+
+
+def test_a_zstd_layer_unpacks(box: Box) -> None:
+    blob = zstandard.ZstdCompressor().compress(tar_bytes([file("z", b"zstd")]))
+    layer = box.blob_layer(blob, "application/vnd.oci.image.layer.v1.tar+zstd")
+
+    unpack_layers([layer], box.root)
+
+    assert (box.root / "z").read_bytes() == b"zstd"
 
 
 Hostile = Callable[[Box], list[list[Entry]]]
