@@ -13,7 +13,7 @@ import nats
 import structlog
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from nats.aio.client import Client as NATS
 from prometheus_client import Counter, Histogram, make_asgi_app
 from pydantic import BaseModel
@@ -393,3 +393,35 @@ def _audit(app: FastAPI) -> None:
             gw.engine, account_id, after, limit, type, subject
         )
         return AuditPage(items=items, next=items[-1].position if items else after)
+
+    @app.get("/v1/events/stream", response_class=StreamingResponse)
+    async def audit_stream(
+        request: Request,
+        gw: GatewayDep,
+        account_id: AccountDep,
+        after: Annotated[int, Query(ge=0)] = 0,
+        type: Annotated[str | None, Query(max_length=100)] = None,
+        subject: Annotated[str | None, Query(max_length=300)] = None,
+    ) -> StreamingResponse:
+        """The audit log as Server-Sent Events, live; ``id`` is the position."""
+
+        async def events() -> AsyncIterator[str]:
+            position = int(request.headers.get("last-event-id", after) or after)
+            while not await request.is_disconnected():
+                items = await queries.audit_page(
+                    gw.engine, account_id, position, 100, type, subject
+                )
+                for item in items:
+                    position = item.position
+                    body = item.model_dump_json()
+                    yield f"id: {item.position}\nevent: {item.type}\ndata: {body}\n\n"
+                if not items:
+                    # Wait for the projection to move instead of polling hard.
+                    await gw.projection.wait_for(gw.projection.position + 1, 15)
+                    yield ": keep-alive\n\n"
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store"},
+        )

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -188,3 +189,29 @@ def test_the_dashboard_offers_credentials_and_app_vms(suite: Suite) -> None:
         "Redeploy",
     ):
         assert words in page.text
+
+
+def test_the_audit_log_streams_live_as_server_sent_events(
+    suite: Suite, api: httpx.Client, registry_basic: LocalRegistry
+) -> None:
+    start = api.get("/v1/events", params={"limit": 1000}).json()["next"]
+    headers = {"Authorization": api.headers["Authorization"]}
+    url = f"{suite.url}/v1/events/stream"
+    with httpx.stream(
+        "GET", url, params={"after": start}, headers=headers, timeout=30
+    ) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        # Something happens after the stream opened: it arrives live.
+        threading.Timer(
+            0.5, add, (api, registry_basic.host, "alice", "wrong-live")
+        ).start()
+        seen: dict[str, str] = {}
+        for line in stream.iter_lines():
+            if line.startswith(("id:", "event:", "data:")):
+                key, _, value = line.partition(":")
+                seen[key] = value.strip()
+            if seen.get("event") == "CredentialRejected" and "data" in seen:
+                break
+    assert int(seen["id"]) > start
+    assert json.loads(seen["data"])["data"]["username"] == "alice"
+    assert "wrong-live" not in seen["data"]
