@@ -211,6 +211,20 @@ def deploys_console(deploy_id: str) -> None:
 
 
 @app.command()
+def contracts(directory: Path) -> None:
+    """Write the contract: JSON Schema per model and an AsyncAPI document."""
+    from contracts.schema import asyncapi, json_schemas
+
+    (directory / "schemas").mkdir(parents=True, exist_ok=True)
+    for name, schema in json_schemas().items():
+        (directory / "schemas" / f"{name}.json").write_text(
+            json.dumps(schema, indent=2)
+        )
+    (directory / "asyncapi.json").write_text(json.dumps(asyncapi(), indent=2))
+    console.print(f"Contract written to {directory}.")
+
+
+@app.command()
 def migrate() -> None:
     """Bring the read model's schema up to date."""
     from services.gateway.migrate import upgrade
