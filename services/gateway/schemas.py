@@ -15,10 +15,15 @@ from pydantic import (
 
 from contracts.events import AppRef
 
+# Bidirectional overrides make text read differently from what it is.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
 
 def _printable(value: str) -> str:
     if any(unicodedata.category(char) == "Cc" for char in value):
         raise ValueError("must not contain control characters")
+    if any(char in _BIDI_CONTROLS for char in value):
+        raise ValueError("must not contain bidirectional override characters")
     if value != value.strip():
         raise ValueError("must not start or end with white space")
     return value

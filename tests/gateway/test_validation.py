@@ -371,3 +371,9 @@ def test_a_body_that_is_not_json_is_named_as_the_body() -> None:
     assert response.status_code == 422
     assert [item["field"] for item in problem["errors"]] == ["body"]
     assert "body: " in problem["detail"]
+
+
+@pytest.mark.parametrize("override", ["\u202e", "\u2066"])
+def test_a_bidirectional_override_is_refused(override: str) -> None:
+    body = {"registry": "ghcr.io", "username": f"octo{override}cat", "secret": "s"}
+    assert fields_named(refused(CredentialIn, body)) == {"username"}
