@@ -306,6 +306,15 @@ async def _probe(port: int, timeout_s: float) -> Probe:
             await writer.wait_closed()
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        status = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return status.rpartition(")")[2].split()[:1] != ["Z"]
+
+
 def _pid_runs_vm(pid: int, work_dir: Path) -> bool:
     """Whether ``pid`` is a live process whose command line names ``work_dir``."""
     proc = Path("/proc") / str(pid)
@@ -458,8 +467,10 @@ class QemuDriver:
 
     def running(self, handle: VmHandle) -> bool:
         process = self._processes.get(handle.pid)
-        if process is not None and process.returncode is not None:
-            return False
+        if process is not None:
+            # Our own child: its exit status is the truth. Its command line in
+            # /proc can briefly lag behind the spawn, so it is not consulted.
+            return process.returncode is None and _pid_alive(handle.pid)
         return _pid_runs_vm(handle.pid, handle.work_dir)
 
     async def _stop_running(self, handle: VmHandle, timeout_s: float) -> str:
