@@ -198,14 +198,3 @@ class ProjectionRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advanced.wait(), remaining)
         return True
-
-
-async def reset_projection(engine: AsyncEngine, projector: Projector) -> None:
-    """Empty a projection's tables and checkpoint so it rebuilds from 1."""
-    async with engine.begin() as conn:
-        for table in reversed(projector.tables):
-            await conn.execute(table.delete())
-        await conn.execute(
-            text("update projection_checkpoints set position = 0 where name = :name"),
-            {"name": projector.name},
-        )

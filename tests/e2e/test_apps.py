@@ -47,18 +47,30 @@ def images(registry_token: LocalRegistry) -> Images:
     )
 
 
-@pytest.fixture(scope="module")
-def credential_id(api: httpx.Client, registry_token: LocalRegistry) -> str:
+def save_credential(
+    api: httpx.Client,
+    registry: LocalRegistry,
+    username: str = "alice",
+    secret: str = "alice-pass",
+    **extra: str,
+) -> str:
+    """Save a credential the registry accepts; its id."""
     response = api.post(
         "/v1/credentials",
         json={
-            "registry": registry_token.host,
-            "username": "alice",
-            "secret": "alice-pass",
+            "registry": registry.host,
+            "username": username,
+            "secret": secret,
+            **extra,
         },
     )
     assert response.status_code == 201, response.text
     return str(response.json()["id"])
+
+
+@pytest.fixture(scope="module")
+def credential_id(api: httpx.Client, registry_token: LocalRegistry) -> str:
+    return save_credential(api, registry_token)
 
 
 def create(api: httpx.Client, name: str, image: str, **extra: object) -> httpx.Response:
@@ -187,20 +199,12 @@ def test_each_image_failure_is_specific(
 def test_a_token_that_cannot_read_the_image_is_rejected(
     api: httpx.Client, registry_token: LocalRegistry, images: Images
 ) -> None:
-    saved = api.post(
-        "/v1/credentials",
-        json={
-            "registry": registry_token.host,
-            "username": "nobody",
-            "secret": "nobody-pass",
-        },
-    )
-    assert saved.status_code == 201, saved.text
+    nobody = save_credential(api, registry_token, "nobody", "nobody-pass")
     response = create(
         api,
         "no-access",
         ref(registry_token, "team/multi"),
-        credential_id=saved.json()["id"],
+        credential_id=nobody,
     )
     assert response.status_code == 422
     assert response.json()["code"] == "credential_rejected"
@@ -216,26 +220,12 @@ def test_credentials_must_exist_in_the_account_and_match_the_registry(
 ) -> None:
     image = ref(registry_token, "team/multi")
     with suite.client(suite.new_account("other-team")) as other:
-        theirs = other.post(
-            "/v1/credentials",
-            json={
-                "registry": registry_token.host,
-                "username": "alice",
-                "secret": "alice-pass",
-            },
-        ).json()["id"]
+        theirs = save_credential(other, registry_token)
     foreign = create(api, "foreign", image, credential_id=theirs)
     assert foreign.status_code == 404
     assert foreign.json()["code"] == "credential_not_found"
 
-    basic = api.post(
-        "/v1/credentials",
-        json={
-            "registry": registry_basic.host,
-            "username": "alice",
-            "secret": "alice-pass",
-        },
-    ).json()["id"]
+    basic = save_credential(api, registry_basic)
     mismatch = create(api, "mismatch", image, credential_id=basic)
     assert mismatch.status_code == 422
     assert mismatch.json()["code"] == "credential_registry_mismatch"
@@ -280,19 +270,8 @@ def test_app_names_are_unique_per_account(
 def test_changing_the_credential_redeploys_and_frees_the_old_one(
     api: httpx.Client, registry_token: LocalRegistry, images: Images
 ) -> None:
-    def add_credential(name: str) -> str:
-        response = api.post(
-            "/v1/credentials",
-            json={
-                "registry": registry_token.host,
-                "username": "alice",
-                "secret": "alice-pass",
-                "name": name,
-            },
-        )
-        return str(response.json()["id"])
-
-    first, second = add_credential("first"), add_credential("second")
+    first = save_credential(api, registry_token, name="first")
+    second = save_credential(api, registry_token, name="second")
     app = create(api, "switch", ref(registry_token, "team/multi"), credential_id=first)
     assert app.status_code == 201, app.text
     app_id = app.json()["id"]
